@@ -1,0 +1,124 @@
+//! The closed vocabularies of the product: what can be charged (actions), what can be ordered
+//! (kits), the plans, and the kinds of credit grants. Each has one stable string id used in
+//! JSON, the CLI and the database.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {value:?}; expected one of: {expected}")]
+pub struct ParseError {
+    pub what: &'static str,
+    pub value: String,
+    pub expected: String,
+}
+
+/// Declares a fieldless enum whose variants have one stable string id each, with `as_str`,
+/// `ALL`, `FromStr`, `Display` and string serde.
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident, $what:literal { $($variant:ident => $id:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub const fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $id),+ }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ParseError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s.trim() {
+                    $($id => Ok($name::$variant),)+
+                    other => Err(ParseError {
+                        what: $what,
+                        value: other.to_owned(),
+                        expected: [$($id),+].join(", "),
+                    }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Something that costs credits.
+    Action, "action" {
+        TextMessage => "text_message",
+        Image => "image",
+        Video => "video",
+        EssentialsKit => "essentials_kit",
+        CaratzonKit => "caratzon_kit",
+    }
+);
+
+string_enum!(
+    /// An asset kit a customer can order.
+    Kit, "kit" {
+        Essentials => "essentials",
+        Caratzon => "caratzon",
+    }
+);
+
+string_enum!(
+    /// A subscription plan.
+    PlanId, "plan" {
+        Discover => "discover",
+        Source => "source",
+        Atelier => "atelier",
+        Enterprise => "enterprise",
+    }
+);
+
+string_enum!(
+    /// The kind of a credit grant. The declaration order is the burn-down preference among
+    /// grants that expire at the same time: cheaper kinds are spent first.
+    CreditKind, "credit kind" {
+        Welcome => "welcome",
+        Subscription => "subscription",
+        TopUp => "topup",
+    }
+);
+
+impl Kit {
+    /// The action a kit is billed as.
+    pub const fn action(self) -> Action {
+        match self {
+            Kit::Essentials => Action::EssentialsKit,
+            Kit::Caratzon => Action::CaratzonKit,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_unknown_is_an_error() {
+        for a in Action::ALL {
+            assert_eq!(a.as_str().parse::<Action>(), Ok(*a));
+        }
+        let e = "gold".parse::<PlanId>().expect_err("gold is no plan");
+        assert_eq!(e.what, "plan");
+        assert!(
+            e.to_string()
+                .contains("discover, source, atelier, enterprise")
+        );
+        assert!(CreditKind::Welcome < CreditKind::Subscription);
+        assert!(CreditKind::Subscription < CreditKind::TopUp);
+    }
+}
