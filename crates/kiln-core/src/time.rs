@@ -31,6 +31,11 @@ impl Timestamp {
         DateTime::from_timestamp_millis(self.0).unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 
+    /// Parses an RFC 3339 time such as `2026-01-31T10:00:00Z`.
+    pub fn parse_rfc3339(s: &str) -> Option<Timestamp> {
+        DateTime::parse_from_rfc3339(s).ok().map(|d| Timestamp(d.timestamp_millis()))
+    }
+
     /// RFC 3339 with millisecond precision, e.g. `2026-11-26T09:53:22.000Z`.
     pub fn rfc3339(self) -> String {
         self.datetime().to_rfc3339_opts(SecondsFormat::Millis, true)

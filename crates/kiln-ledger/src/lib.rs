@@ -1,0 +1,175 @@
+//! The credit ledger: grants, reservations and the append-only journal, on PostgreSQL or
+//! SQLite. `ops` holds every operation as a function of an open transaction, so a caller (the
+//! producer) can reserve credits in the same transaction that enqueues a job; `Ledger` wraps
+//! each operation in a transaction of its own for everyone else.
+
+mod audit;
+mod db;
+mod error;
+mod ops;
+pub mod plan;
+mod types;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+pub use audit::{Breach, audit};
+pub use db::{Backend, Db, DbOptions, Tx};
+pub use error::LedgerError;
+pub use kiln_core::{AccountId, Action, CreditKind, Credits, PlanId, Pricing, Timestamp};
+pub use ops::{
+    Ctx, account, account_by_api_key, balance, charge, commit, create_account, due_accounts, grants, journal, quote, release,
+    renew, reserve, reservation, topup,
+};
+pub use types::{
+    Account, Balance, CreatedAccount, EntryType, Grant, GrantId, JournalEntry, JournalPage, KindBalance, NewAccount,
+    Operation, Quote, Reservation, ReservationId, ReservationState,
+};
+
+/// Where the ledger reads the time. Production uses the system clock; tests move a manual one.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now(&self) -> Timestamp;
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// A clock that only moves when told to.
+#[derive(Debug, Clone)]
+pub struct ManualClock(Arc<AtomicI64>);
+
+impl ManualClock {
+    pub fn new(start: Timestamp) -> ManualClock {
+        ManualClock(Arc::new(AtomicI64::new(start.millis())))
+    }
+
+    pub fn advance_millis(&self, ms: i64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.0.load(Ordering::SeqCst))
+    }
+}
+
+/// The ledger with its own transactions: each method is one atomic operation.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    db: Db,
+    pricing: Arc<Pricing>,
+    clock: Arc<dyn Clock>,
+}
+
+/// Runs one `ops` function in a transaction of its own, committing only on success.
+macro_rules! in_tx {
+    ($self:ident, $begin:ident, |$tx:ident, $ctx:ident| $call:expr) => {{
+        let mut tx = $self.db.$begin().await?;
+        let $ctx = $self.ctx();
+        let $tx = &mut tx;
+        let out = $call.await?;
+        tx.commit().await?;
+        Ok::<_, LedgerError>(out)
+    }};
+}
+
+impl Ledger {
+    pub fn new(db: Db, pricing: Arc<Pricing>, clock: Arc<dyn Clock>) -> Ledger {
+        Ledger { db, pricing, clock }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn pricing(&self) -> &Pricing {
+        &self.pricing
+    }
+
+    /// The context for `ops` calls made in a caller's own transaction.
+    pub fn ctx(&self) -> Ctx<'_> {
+        Ctx { pricing: &self.pricing, now: self.clock.now() }
+    }
+
+    pub async fn create_account(&self, new: NewAccount) -> Result<CreatedAccount, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::create_account(tx, &ctx, &new))
+    }
+
+    pub async fn account(&self, id: AccountId) -> Result<Account, LedgerError> {
+        in_tx!(self, begin_read, |tx, _ctx| ops::account(tx, id))
+    }
+
+    pub async fn account_by_api_key(&self, key: &str) -> Result<Option<Account>, LedgerError> {
+        in_tx!(self, begin_read, |tx, _ctx| ops::account_by_api_key(tx, key))
+    }
+
+    pub async fn quote(&self, id: AccountId, action: Action) -> Result<Quote, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::quote(tx, &ctx, id, action))
+    }
+
+    pub async fn reserve(&self, id: AccountId, action: Action, key: &str) -> Result<Reservation, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::reserve(tx, &ctx, id, action, key))
+    }
+
+    pub async fn charge(&self, id: AccountId, action: Action, key: &str) -> Result<Reservation, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::charge(tx, &ctx, id, action, key))
+    }
+
+    pub async fn commit(&self, id: ReservationId) -> Result<Reservation, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::commit(tx, &ctx, id))
+    }
+
+    pub async fn release(&self, id: ReservationId) -> Result<Reservation, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::release(tx, &ctx, id))
+    }
+
+    pub async fn reservation(&self, id: ReservationId) -> Result<Reservation, LedgerError> {
+        in_tx!(self, begin_read, |tx, _ctx| ops::reservation(tx, id))
+    }
+
+    pub async fn topup(&self, id: AccountId, pack: &str, payment_ref: &str) -> Result<Grant, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::topup(tx, &ctx, id, pack, payment_ref))
+    }
+
+    /// Books due expiries and grants the current cycle's allowance if it is missing.
+    pub async fn renew(&self, id: AccountId) -> Result<Vec<Grant>, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::renew(tx, &ctx, id))
+    }
+
+    /// Renews every account that is due, one transaction each; returns how many were touched.
+    pub async fn renew_due(&self, limit: u32) -> Result<usize, LedgerError> {
+        let due: Vec<AccountId> = in_tx!(self, begin_read, |tx, ctx| ops::due_accounts(tx, ctx.now, limit))?;
+        for id in &due {
+            self.renew(*id).await?;
+        }
+        Ok(due.len())
+    }
+
+    pub async fn balance(&self, id: AccountId) -> Result<Balance, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::balance(tx, &ctx, id))
+    }
+
+    pub async fn journal(&self, id: AccountId, after: Option<i64>, limit: u32) -> Result<JournalPage, LedgerError> {
+        in_tx!(self, begin_read, |tx, _ctx| ops::journal(tx, id, after, limit))
+    }
+
+    pub async fn grants(&self, id: AccountId) -> Result<Vec<Grant>, LedgerError> {
+        in_tx!(self, begin_read, |tx, _ctx| ops::grants(tx, id))
+    }
+
+    /// Checks every invariant on the whole database; empty means clean.
+    pub async fn audit(&self) -> Result<Vec<Breach>, LedgerError> {
+        in_tx!(self, begin_read, |tx, _ctx| audit::audit(tx, None))
+    }
+
+    pub async fn audit_account(&self, id: AccountId) -> Result<Vec<Breach>, LedgerError> {
+        in_tx!(self, begin_read, |tx, _ctx| audit::audit(tx, Some(id)))
+    }
+}

@@ -1,0 +1,887 @@
+//! Every ledger operation as a function of an open transaction. Each one that changes credits
+//! first locks the account row (PostgreSQL `FOR UPDATE`; SQLite's transactions already hold
+//! the write lock), so all changes to one account are serialised and the lock order is always
+//! account, then reservation, then grants. The decisions are made by pure functions (`plan`);
+//! this module loads, calls them and saves.
+
+use std::str::FromStr;
+
+use kiln_core::{AccountId, Action, CreditKind, Credits, PlanId, Pricing, Timestamp, billing_cycle};
+use sha2::{Digest, Sha256};
+
+use crate::db::{Tx, on_tx};
+use crate::plan::{self, OpenGrant};
+use crate::{
+    Account, Balance, CreatedAccount, EntryType, Grant, GrantId, JournalEntry, JournalPage, KindBalance, LedgerError,
+    NewAccount, Operation, Quote, Reservation, ReservationId, ReservationState,
+};
+
+/// What every operation needs besides the transaction: the price list and the time.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx<'a> {
+    pub pricing: &'a Pricing,
+    pub now: Timestamp,
+}
+
+type Result<T> = std::result::Result<T, LedgerError>;
+
+// ---------------------------------------------------------------------------------------------
+// Rows and their conversion into domain types. A stored value that does not parse is reported
+// as corruption, never clamped.
+
+#[derive(sqlx::FromRow)]
+struct AccountRow {
+    id: String,
+    email: Option<String>,
+    plan: String,
+    is_admin: bool,
+    monthly_allowance: Option<i64>,
+    cycle_anchor_ms: i64,
+    renewed_cycle_ms: Option<i64>,
+    next_renewal_ms: Option<i64>,
+    created_at_ms: i64,
+    granted: i64,
+    held: i64,
+    committed: i64,
+    expired: i64,
+    journal_seq: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct GrantRow {
+    id: i64,
+    account_id: String,
+    kind: String,
+    amount: i64,
+    remaining: i64,
+    expired: i64,
+    granted_at_ms: i64,
+    expires_at_ms: Option<i64>,
+    source: String,
+    fingerprint: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct ReservationRow {
+    id: i64,
+    account_id: String,
+    idempotency_key: String,
+    operation: String,
+    action: String,
+    amount: i64,
+    list_price: i64,
+    exempt: bool,
+    state: String,
+    created_at_ms: i64,
+    resolved_at_ms: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct PartRow {
+    grant_id: i64,
+    amount: i64,
+    expires_at_ms: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct JournalRow {
+    seq: i64,
+    at_ms: i64,
+    entry: String,
+    amount: i64,
+    kind: Option<String>,
+    grant_id: Option<i64>,
+    reservation_id: Option<i64>,
+    action: Option<String>,
+    list_price: Option<i64>,
+    reference: Option<String>,
+    available_after: i64,
+    held_after: i64,
+}
+
+fn parse<T: FromStr>(s: &str, what: &str) -> Result<T> {
+    s.parse().map_err(|_| LedgerError::Corrupt(format!("stored {what} {s:?} does not parse")))
+}
+
+fn credits(n: i64, what: &str) -> Result<Credits> {
+    Credits::from_i64(n).map_err(|e| LedgerError::Corrupt(format!("stored {what} {n}: {e}")))
+}
+
+fn ts(ms: i64) -> Timestamp {
+    Timestamp::from_millis(ms)
+}
+
+fn parse_state(s: &str) -> Result<ReservationState> {
+    Ok(match s {
+        "held" => ReservationState::Held,
+        "committed" => ReservationState::Committed,
+        "released" => ReservationState::Released,
+        other => return Err(LedgerError::Corrupt(format!("reservation state {other:?}"))),
+    })
+}
+
+fn parse_operation(s: &str) -> Result<Operation> {
+    Ok(match s {
+        "reserve" => Operation::Reserve,
+        "charge" => Operation::Charge,
+        other => return Err(LedgerError::Corrupt(format!("reservation operation {other:?}"))),
+    })
+}
+
+fn parse_entry(s: &str) -> Result<EntryType> {
+    Ok(match s {
+        "grant" => EntryType::Grant,
+        "reserve" => EntryType::Reserve,
+        "commit" => EntryType::Commit,
+        "release" => EntryType::Release,
+        "expire" => EntryType::Expire,
+        other => return Err(LedgerError::Corrupt(format!("journal entry {other:?}"))),
+    })
+}
+
+impl GrantRow {
+    fn into_grant(self) -> Result<Grant> {
+        Ok(Grant {
+            id: GrantId(self.id),
+            account_id: parse(&self.account_id, "account id")?,
+            kind: parse(&self.kind, "grant kind")?,
+            amount: credits(self.amount, "grant amount")?,
+            remaining: credits(self.remaining, "grant remaining")?,
+            expired: credits(self.expired, "grant expired")?,
+            granted_at: ts(self.granted_at_ms),
+            expires_at: self.expires_at_ms.map(ts),
+            source: self.source,
+        })
+    }
+}
+
+impl ReservationRow {
+    fn into_reservation(self) -> Result<Reservation> {
+        Ok(Reservation {
+            id: ReservationId(self.id),
+            account_id: parse(&self.account_id, "account id")?,
+            idempotency_key: self.idempotency_key,
+            operation: parse_operation(&self.operation)?,
+            action: parse(&self.action, "action")?,
+            amount: credits(self.amount, "reservation amount")?,
+            list_price: credits(self.list_price, "list price")?,
+            exempt: self.exempt,
+            state: parse_state(&self.state)?,
+            created_at: ts(self.created_at_ms),
+            resolved_at: self.resolved_at_ms.map(ts),
+        })
+    }
+}
+
+impl JournalRow {
+    fn into_entry(self) -> Result<JournalEntry> {
+        Ok(JournalEntry {
+            seq: self.seq,
+            at: ts(self.at_ms),
+            entry: parse_entry(&self.entry)?,
+            amount: credits(self.amount, "journal amount")?,
+            kind: self.kind.as_deref().map(|k| parse(k, "grant kind")).transpose()?,
+            grant_id: self.grant_id.map(GrantId),
+            reservation_id: self.reservation_id.map(ReservationId),
+            action: self.action.as_deref().map(|a| parse(a, "action")).transpose()?,
+            list_price: self.list_price.map(|p| credits(p, "list price")).transpose()?,
+            reference: self.reference,
+            available_after: credits(self.available_after, "journal available")?,
+            held_after: credits(self.held_after, "journal held")?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A locked account being worked on: its totals change in memory and are saved, with the journal
+// entries that explain each change, in `save`.
+
+struct Totals {
+    granted: Credits,
+    held: Credits,
+    committed: Credits,
+    expired: Credits,
+}
+
+impl Totals {
+    fn available(&self) -> Credits {
+        self.granted.saturating_sub(self.held).saturating_sub(self.committed).saturating_sub(self.expired)
+    }
+}
+
+struct NewEntry {
+    entry: EntryType,
+    amount: Credits,
+    kind: Option<CreditKind>,
+    grant_id: Option<GrantId>,
+    reservation_id: Option<ReservationId>,
+    action: Option<Action>,
+    list_price: Option<Credits>,
+    reference: Option<String>,
+    available_after: Credits,
+    held_after: Credits,
+}
+
+impl NewEntry {
+    fn new(entry: EntryType, amount: Credits) -> NewEntry {
+        NewEntry {
+            entry,
+            amount,
+            kind: None,
+            grant_id: None,
+            reservation_id: None,
+            action: None,
+            list_price: None,
+            reference: None,
+            available_after: Credits::ZERO,
+            held_after: Credits::ZERO,
+        }
+    }
+
+    fn for_grant(entry: EntryType, amount: Credits, grant: GrantId, kind: CreditKind) -> NewEntry {
+        NewEntry { kind: Some(kind), grant_id: Some(grant), ..NewEntry::new(entry, amount) }
+    }
+
+    fn for_reservation(entry: EntryType, r: &Reservation) -> NewEntry {
+        NewEntry {
+            reservation_id: Some(r.id),
+            action: Some(r.action),
+            list_price: Some(r.list_price),
+            reference: Some(r.idempotency_key.clone()),
+            ..NewEntry::new(entry, r.amount)
+        }
+    }
+}
+
+struct Locked {
+    account: Account,
+    renewed_cycle: Option<Timestamp>,
+    next_renewal: Option<Timestamp>,
+    totals: Totals,
+    journal_seq: i64,
+    entries: Vec<NewEntry>,
+}
+
+fn corrupt_sub(what: &str) -> LedgerError {
+    LedgerError::Corrupt(format!("{what} would go negative"))
+}
+
+impl Locked {
+    fn from_row(row: AccountRow) -> Result<Locked> {
+        Ok(Locked {
+            account: Account {
+                id: parse(&row.id, "account id")?,
+                email: row.email,
+                plan: parse(&row.plan, "plan")?,
+                is_admin: row.is_admin,
+                monthly_allowance: row.monthly_allowance.map(|a| credits(a, "allowance")).transpose()?,
+                cycle_anchor: ts(row.cycle_anchor_ms),
+                created_at: ts(row.created_at_ms),
+            },
+            renewed_cycle: row.renewed_cycle_ms.map(ts),
+            next_renewal: row.next_renewal_ms.map(ts),
+            totals: Totals {
+                granted: credits(row.granted, "granted")?,
+                held: credits(row.held, "held")?,
+                committed: credits(row.committed, "committed")?,
+                expired: credits(row.expired, "expired")?,
+            },
+            journal_seq: row.journal_seq,
+            entries: Vec::new(),
+        })
+    }
+
+    fn record(&mut self, mut e: NewEntry) {
+        e.available_after = self.totals.available();
+        e.held_after = self.totals.held;
+        self.entries.push(e);
+    }
+
+    fn granted(&mut self, g: &Grant) -> Result<()> {
+        self.totals.granted = self.totals.granted.checked_add(g.amount)?;
+        let mut e = NewEntry::for_grant(EntryType::Grant, g.amount, g.id, g.kind);
+        e.reference = Some(g.source.clone());
+        self.record(e);
+        Ok(())
+    }
+
+    fn expired(&mut self, grant: GrantId, kind: Option<CreditKind>, amount: Credits) -> Result<()> {
+        self.totals.expired = self.totals.expired.checked_add(amount)?;
+        self.record(NewEntry { kind, grant_id: Some(grant), ..NewEntry::new(EntryType::Expire, amount) });
+        Ok(())
+    }
+
+    fn reserved(&mut self, r: &Reservation) -> Result<()> {
+        self.totals.held = self.totals.held.checked_add(r.amount)?;
+        self.record(NewEntry::for_reservation(EntryType::Reserve, r));
+        Ok(())
+    }
+
+    fn committed(&mut self, r: &Reservation) -> Result<()> {
+        self.totals.held = self.totals.held.checked_sub(r.amount).ok_or_else(|| corrupt_sub("held"))?;
+        self.totals.committed = self.totals.committed.checked_add(r.amount)?;
+        self.record(NewEntry::for_reservation(EntryType::Commit, r));
+        Ok(())
+    }
+
+    fn released(&mut self, r: &Reservation) -> Result<()> {
+        self.totals.held = self.totals.held.checked_sub(r.amount).ok_or_else(|| corrupt_sub("held"))?;
+        self.record(NewEntry::for_reservation(EntryType::Release, r));
+        Ok(())
+    }
+
+    /// The monthly allowance this account is granted each cycle, if any.
+    fn allowance(&self, pricing: &Pricing) -> Option<Credits> {
+        match self.account.plan {
+            PlanId::Enterprise => self.account.monthly_allowance.or(pricing.plan(PlanId::Enterprise).monthly_credits),
+            plan => pricing.plan(plan).monthly_credits,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQL. Placeholders are `$n` on both databases (sqlx-sqlite binds `$n` by position).
+
+const LOCK_ACCOUNT_PG: &str = "SELECT * FROM accounts WHERE id = $1 FOR UPDATE";
+// SQLite writers hold the database write lock from BEGIN IMMEDIATE on.
+const LOCK_ACCOUNT_SQLITE: &str = "SELECT * FROM accounts WHERE id = $1";
+
+async fn lock(tx: &mut Tx, id: AccountId) -> Result<Locked> {
+    let id_s = id.to_string();
+    let row: Option<AccountRow> = match tx {
+        Tx::Postgres(c) => sqlx::query_as(LOCK_ACCOUNT_PG).bind(&id_s).fetch_optional(&mut **c).await?,
+        Tx::Sqlite(c) => sqlx::query_as(LOCK_ACCOUNT_SQLITE).bind(&id_s).fetch_optional(&mut **c).await?,
+    };
+    Locked::from_row(row.ok_or(LedgerError::AccountNotFound(id))?)
+}
+
+/// Writes the account's totals and appends its new journal entries.
+async fn save(tx: &mut Tx, acct: &mut Locked, now: Timestamp) -> Result<()> {
+    let id = acct.account.id.to_string();
+    for e in std::mem::take(&mut acct.entries) {
+        acct.journal_seq += 1;
+        let seq = acct.journal_seq;
+        on_tx!(tx, c => sqlx::query(
+            "INSERT INTO journal (account_id, seq, at_ms, entry, amount, kind, grant_id, reservation_id, action, \
+             list_price, reference, available_after, held_after) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&id)
+        .bind(seq)
+        .bind(now.millis())
+        .bind(e.entry.as_str())
+        .bind(e.amount.as_i64())
+        .bind(e.kind.map(CreditKind::as_str))
+        .bind(e.grant_id.map(|g| g.0))
+        .bind(e.reservation_id.map(|r| r.0))
+        .bind(e.action.map(Action::as_str))
+        .bind(e.list_price.map(Credits::as_i64))
+        .bind(e.reference)
+        .bind(e.available_after.as_i64())
+        .bind(e.held_after.as_i64())
+        .execute(&mut **c)
+        .await?
+        .rows_affected());
+    }
+    let t = &acct.totals;
+    on_tx!(tx, c => sqlx::query(
+        "UPDATE accounts SET granted = $2, held = $3, committed = $4, expired = $5, journal_seq = $6, \
+         renewed_cycle_ms = $7, next_renewal_ms = $8 WHERE id = $1",
+    )
+    .bind(&id)
+    .bind(t.granted.as_i64())
+    .bind(t.held.as_i64())
+    .bind(t.committed.as_i64())
+    .bind(t.expired.as_i64())
+    .bind(acct.journal_seq)
+    .bind(acct.renewed_cycle.map(Timestamp::millis))
+    .bind(acct.next_renewal.map(Timestamp::millis))
+    .execute(&mut **c)
+    .await?
+        .rows_affected());
+    Ok(())
+}
+
+async fn open_grants(tx: &mut Tx, id: AccountId) -> Result<Vec<OpenGrant>> {
+    let rows: Vec<GrantRow> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT * FROM grants WHERE account_id = $1 AND remaining > 0",
+    )
+    .bind(id.to_string())
+    .fetch_all(&mut **c)
+    .await?);
+    rows.into_iter()
+        .map(|r| {
+            let g = r.into_grant()?;
+            Ok(OpenGrant { id: g.id, kind: g.kind, remaining: g.remaining, granted_at: g.granted_at, expires_at: g.expires_at })
+        })
+        .collect()
+}
+
+async fn grant_by_source(tx: &mut Tx, source: &str) -> Result<Option<(Grant, String)>> {
+    let row: Option<GrantRow> = on_tx!(tx, c => sqlx::query_as("SELECT * FROM grants WHERE source = $1")
+        .bind(source)
+        .fetch_optional(&mut **c)
+        .await?);
+    row.map(|r| {
+        let fp = r.fingerprint.clone();
+        Ok((r.into_grant()?, fp))
+    })
+    .transpose()
+}
+
+struct GrantSpec<'a> {
+    kind: CreditKind,
+    amount: Credits,
+    expires_at: Option<Timestamp>,
+    source: &'a str,
+    fingerprint: &'a str,
+}
+
+/// Inserts a grant unless one with the same source exists. Returns the new grant, or `None`
+/// when the source was already used (the caller decides whether that is a replay or a conflict).
+async fn insert_grant(tx: &mut Tx, acct: &mut Locked, now: Timestamp, spec: &GrantSpec<'_>) -> Result<Option<Grant>> {
+    let id: Option<i64> = on_tx!(tx, c => sqlx::query_scalar(
+        "INSERT INTO grants (account_id, kind, amount, remaining, granted_at_ms, expires_at_ms, source, fingerprint) \
+         VALUES ($1, $2, $3, $3, $4, $5, $6, $7) ON CONFLICT (source) DO NOTHING RETURNING id",
+    )
+    .bind(acct.account.id.to_string())
+    .bind(spec.kind.as_str())
+    .bind(spec.amount.as_i64())
+    .bind(now.millis())
+    .bind(spec.expires_at.map(Timestamp::millis))
+    .bind(spec.source)
+    .bind(spec.fingerprint)
+    .fetch_optional(&mut **c)
+    .await?);
+    let Some(id) = id else { return Ok(None) };
+    let grant = Grant {
+        id: GrantId(id),
+        account_id: acct.account.id,
+        kind: spec.kind,
+        amount: spec.amount,
+        remaining: spec.amount,
+        expired: Credits::ZERO,
+        granted_at: now,
+        expires_at: spec.expires_at,
+        source: spec.source.to_owned(),
+    };
+    acct.granted(&grant)?;
+    Ok(Some(grant))
+}
+
+async fn exec_grant_update(tx: &mut Tx, sql: &'static str, grant: GrantId, amount: Credits) -> Result<()> {
+    let done = on_tx!(tx, c => sqlx::query(sql).bind(grant.0).bind(amount.as_i64()).execute(&mut **c).await?
+        .rows_affected());
+    if done == 1 {
+        Ok(())
+    } else {
+        Err(LedgerError::Corrupt(format!("grant {grant} could not be updated ({sql})")))
+    }
+}
+
+const DRAW: &str = "UPDATE grants SET remaining = remaining - $2 WHERE id = $1 AND remaining >= $2";
+const RETURN: &str = "UPDATE grants SET remaining = remaining + $2 WHERE id = $1";
+const EXPIRE_RETURNED: &str = "UPDATE grants SET expired = expired + $2 WHERE id = $1";
+const EXPIRE_REMAINING: &str = "UPDATE grants SET expired = expired + remaining, remaining = 0 WHERE id = $1 AND remaining = $2";
+
+async fn reservation_row(tx: &mut Tx, id: ReservationId) -> Result<Reservation> {
+    let row: Option<ReservationRow> = on_tx!(tx, c => sqlx::query_as("SELECT * FROM reservations WHERE id = $1")
+        .bind(id.0)
+        .fetch_optional(&mut **c)
+        .await?);
+    row.ok_or(LedgerError::ReservationNotFound(id))?.into_reservation()
+}
+
+async fn set_state(tx: &mut Tx, r: &mut Reservation, state: ReservationState, now: Timestamp) -> Result<()> {
+    let done = on_tx!(tx, c => sqlx::query(
+        "UPDATE reservations SET state = $2, resolved_at_ms = $3 WHERE id = $1 AND state = 'held'",
+    )
+    .bind(r.id.0)
+    .bind(state.as_str())
+    .bind(now.millis())
+    .execute(&mut **c)
+    .await?
+        .rows_affected());
+    if done != 1 {
+        return Err(LedgerError::Corrupt(format!("reservation {} was not held", r.id)));
+    }
+    r.state = state;
+    r.resolved_at = Some(now);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// On access: book expiries that are due and grant the current cycle's allowance if missing.
+
+/// Brings the account up to `now` and returns its spendable grants.
+async fn touch(tx: &mut Tx, ctx: &Ctx<'_>, acct: &mut Locked) -> Result<Vec<OpenGrant>> {
+    let mut live = Vec::new();
+    for g in open_grants(tx, acct.account.id).await? {
+        if g.is_expired(ctx.now) {
+            exec_grant_update(tx, EXPIRE_REMAINING, g.id, g.remaining).await?;
+            acct.expired(g.id, Some(g.kind), g.remaining)?;
+        } else {
+            live.push(g);
+        }
+    }
+    if let Some(allowance) = acct.allowance(ctx.pricing) {
+        let cycle = billing_cycle(acct.account.cycle_anchor, ctx.now);
+        if acct.renewed_cycle.is_none_or(|r| r < cycle.start) {
+            let source = format!("sub:{}:{}", acct.account.id, cycle.start.millis());
+            let spec = GrantSpec {
+                kind: CreditKind::Subscription,
+                amount: allowance,
+                expires_at: Some(cycle.end),
+                source: &source,
+                fingerprint: &source,
+            };
+            if let Some(g) = insert_grant(tx, acct, ctx.now, &spec).await? {
+                live.push(OpenGrant { id: g.id, kind: g.kind, remaining: g.remaining, granted_at: g.granted_at, expires_at: g.expires_at });
+            }
+            acct.renewed_cycle = Some(cycle.start);
+            acct.next_renewal = Some(cycle.end);
+        }
+    }
+    Ok(live)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations.
+
+fn check_key(key: &str, what: &'static str) -> Result<()> {
+    let ok = (1..=200).contains(&key.chars().count()) && key.chars().all(|c| !c.is_control());
+    if ok { Ok(()) } else { Err(LedgerError::BadKey { what }) }
+}
+
+fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+pub async fn create_account(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewAccount) -> Result<CreatedAccount> {
+    match (new.plan, new.monthly_allowance) {
+        (PlanId::Enterprise, None) if ctx.pricing.plan(PlanId::Enterprise).monthly_credits.is_none() => {
+            return Err(LedgerError::AllowanceRequired(PlanId::Enterprise));
+        }
+        (PlanId::Enterprise, Some(a)) if a.is_zero() => return Err(Credits::positive(0).unwrap_err().into()),
+        (PlanId::Enterprise, _) | (_, None) => {}
+        (plan, Some(_)) => return Err(LedgerError::AllowanceNotAllowed(plan)),
+    }
+    if let Some(email) = &new.email {
+        check_key(email, "email")?;
+    }
+    let id = AccountId::new();
+    let mut secret = [0u8; 24];
+    getrandom::fill(&mut secret).map_err(|e| LedgerError::Io(format!("no randomness for an API key: {e}")))?;
+    let api_key = format!("kiln_{}", hex::encode(secret));
+    on_tx!(tx, c => sqlx::query(
+        "INSERT INTO accounts (id, email, plan, is_admin, monthly_allowance, api_key_hash, cycle_anchor_ms, created_at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+    )
+    .bind(id.to_string())
+    .bind(new.email.as_deref())
+    .bind(new.plan.as_str())
+    .bind(new.is_admin)
+    .bind(new.monthly_allowance.map(Credits::as_i64))
+    .bind(hash_api_key(&api_key))
+    .bind(ctx.now.millis())
+    .execute(&mut **c)
+    .await?
+        .rows_affected());
+    let mut acct = lock(tx, id).await?;
+    let welcome = ctx.pricing.plan(new.plan).welcome_credits;
+    if !welcome.is_zero() {
+        let source = format!("welcome:{id}");
+        let spec = GrantSpec { kind: CreditKind::Welcome, amount: welcome, expires_at: None, source: &source, fingerprint: &source };
+        insert_grant(tx, &mut acct, ctx.now, &spec).await?;
+    }
+    touch(tx, ctx, &mut acct).await?;
+    save(tx, &mut acct, ctx.now).await?;
+    Ok(CreatedAccount { account: acct.account, api_key })
+}
+
+pub async fn account(tx: &mut Tx, id: AccountId) -> Result<Account> {
+    let row: Option<AccountRow> = on_tx!(tx, c => sqlx::query_as("SELECT * FROM accounts WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&mut **c)
+        .await?);
+    Ok(Locked::from_row(row.ok_or(LedgerError::AccountNotFound(id))?)?.account)
+}
+
+pub async fn account_by_api_key(tx: &mut Tx, key: &str) -> Result<Option<Account>> {
+    let row: Option<AccountRow> = on_tx!(tx, c => sqlx::query_as("SELECT * FROM accounts WHERE api_key_hash = $1")
+        .bind(hash_api_key(key))
+        .fetch_optional(&mut **c)
+        .await?);
+    row.map(|r| Ok(Locked::from_row(r)?.account)).transpose()
+}
+
+pub async fn quote(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId, action: Action) -> Result<Quote> {
+    let mut acct = lock(tx, id).await?;
+    let live = touch(tx, ctx, &mut acct).await?;
+    save(tx, &mut acct, ctx.now).await?;
+    let list_price = ctx.pricing.cost(action);
+    let cost = if acct.account.is_admin { Credits::ZERO } else { list_price };
+    let available = plan::available(&live, ctx.now);
+    Ok(Quote { action, cost, list_price, available, affordable: cost <= available, shortfall: cost.saturating_sub(available) })
+}
+
+/// Holds the credits for `action`, drawn from grants in burn-down order.
+pub async fn reserve(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId, action: Action, key: &str) -> Result<Reservation> {
+    hold(tx, ctx, id, action, key, Operation::Reserve).await
+}
+
+/// Reserves and commits in one step.
+pub async fn charge(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId, action: Action, key: &str) -> Result<Reservation> {
+    hold(tx, ctx, id, action, key, Operation::Charge).await
+}
+
+async fn hold(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId, action: Action, key: &str, op: Operation) -> Result<Reservation> {
+    check_key(key, "idempotency key")?;
+    let mut acct = lock(tx, id).await?;
+    let existing: Option<ReservationRow> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT * FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
+    )
+    .bind(id.to_string())
+    .bind(key)
+    .fetch_optional(&mut **c)
+    .await?);
+    if let Some(row) = existing {
+        let r = row.into_reservation()?;
+        if r.operation == op && r.action == action {
+            return Ok(r);
+        }
+        return Err(LedgerError::IdempotencyConflict {
+            key: key.to_owned(),
+            existing: format!("{} of {}", r.operation.as_str(), r.action),
+        });
+    }
+    let live = touch(tx, ctx, &mut acct).await?;
+    let list_price = ctx.pricing.cost(action);
+    let exempt = acct.account.is_admin;
+    let amount = if exempt { Credits::ZERO } else { list_price };
+    let draws = plan::plan_draws(&live, ctx.now, amount).map_err(|s| LedgerError::InsufficientCredits {
+        needed: s.needed,
+        available: s.available,
+        shortfall: s.needed.saturating_sub(s.available),
+    })?;
+    for d in &draws {
+        exec_grant_update(tx, DRAW, d.grant_id, d.amount).await?;
+    }
+    let rid: i64 = on_tx!(tx, c => sqlx::query_scalar(
+        "INSERT INTO reservations (account_id, idempotency_key, operation, action, amount, list_price, exempt, state, \
+         created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, 'held', $8) RETURNING id",
+    )
+    .bind(id.to_string())
+    .bind(key)
+    .bind(op.as_str())
+    .bind(action.as_str())
+    .bind(amount.as_i64())
+    .bind(list_price.as_i64())
+    .bind(exempt)
+    .bind(ctx.now.millis())
+    .fetch_one(&mut **c)
+    .await?);
+    for (seq, d) in (1_i32..).zip(&draws) {
+        on_tx!(tx, c => sqlx::query(
+            "INSERT INTO reservation_parts (reservation_id, seq, grant_id, amount) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(rid)
+        .bind(seq)
+        .bind(d.grant_id.0)
+        .bind(d.amount.as_i64())
+        .execute(&mut **c)
+        .await?
+        .rows_affected());
+    }
+    let mut r = Reservation {
+        id: ReservationId(rid),
+        account_id: id,
+        idempotency_key: key.to_owned(),
+        operation: op,
+        action,
+        amount,
+        list_price,
+        exempt,
+        state: ReservationState::Held,
+        created_at: ctx.now,
+        resolved_at: None,
+    };
+    acct.reserved(&r)?;
+    if op == Operation::Charge {
+        set_state(tx, &mut r, ReservationState::Committed, ctx.now).await?;
+        acct.committed(&r)?;
+    }
+    save(tx, &mut acct, ctx.now).await?;
+    Ok(r)
+}
+
+/// Locks the reservation's account, then reads the reservation as it stands under that lock.
+async fn lock_reservation(tx: &mut Tx, id: ReservationId) -> Result<(Locked, Reservation)> {
+    let account = reservation_row(tx, id).await?.account_id;
+    let acct = lock(tx, account).await?;
+    let r = reservation_row(tx, id).await?;
+    Ok((acct, r))
+}
+
+/// held -> committed. Committing again is a no-op; committing a released reservation is an error.
+pub async fn commit(tx: &mut Tx, ctx: &Ctx<'_>, id: ReservationId) -> Result<Reservation> {
+    let (mut acct, mut r) = lock_reservation(tx, id).await?;
+    match r.state {
+        ReservationState::Committed => Ok(r),
+        ReservationState::Released => Err(LedgerError::AlreadyResolved { id, state: r.state }),
+        ReservationState::Held => {
+            set_state(tx, &mut r, ReservationState::Committed, ctx.now).await?;
+            acct.committed(&r)?;
+            save(tx, &mut acct, ctx.now).await?;
+            Ok(r)
+        }
+    }
+}
+
+/// held -> released: the credits go back to the grants they came from, in reverse order; what
+/// goes back to a grant that has expired meanwhile expires at once.
+pub async fn release(tx: &mut Tx, ctx: &Ctx<'_>, id: ReservationId) -> Result<Reservation> {
+    let (mut acct, mut r) = lock_reservation(tx, id).await?;
+    match r.state {
+        ReservationState::Released => return Ok(r),
+        ReservationState::Committed => return Err(LedgerError::AlreadyResolved { id, state: r.state }),
+        ReservationState::Held => {}
+    }
+    let parts: Vec<PartRow> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT p.grant_id, p.amount, g.expires_at_ms FROM reservation_parts p JOIN grants g ON g.id = p.grant_id \
+         WHERE p.reservation_id = $1 ORDER BY p.seq DESC",
+    )
+    .bind(id.0)
+    .fetch_all(&mut **c)
+    .await?);
+    set_state(tx, &mut r, ReservationState::Released, ctx.now).await?;
+    acct.released(&r)?;
+    for p in parts {
+        let (grant, amount) = (GrantId(p.grant_id), credits(p.amount, "part amount")?);
+        if plan::is_expired(p.expires_at_ms.map(ts), ctx.now) {
+            exec_grant_update(tx, EXPIRE_RETURNED, grant, amount).await?;
+            acct.expired(grant, None, amount)?;
+        } else {
+            exec_grant_update(tx, RETURN, grant, amount).await?;
+        }
+    }
+    save(tx, &mut acct, ctx.now).await?;
+    Ok(r)
+}
+
+pub async fn reservation(tx: &mut Tx, id: ReservationId) -> Result<Reservation> {
+    reservation_row(tx, id).await
+}
+
+/// Buys a top-up pack. Idempotent by payment reference: the same reference for the same account
+/// and pack returns the original grant; for anything else it is a conflict.
+pub async fn topup(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId, pack: &str, payment_ref: &str) -> Result<Grant> {
+    let pack = ctx.pricing.pack(pack).ok_or_else(|| LedgerError::UnknownPack {
+        pack: pack.to_owned(),
+        expected: ctx.pricing.packs().iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(", "),
+    })?;
+    check_key(payment_ref, "payment reference")?;
+    let mut acct = lock(tx, id).await?;
+    let source = format!("topup:{payment_ref}");
+    let fingerprint = format!("{id}:{}:{}", pack.id, pack.credits);
+    if let Some((g, fp)) = grant_by_source(tx, &source).await? {
+        return if fp == fingerprint { Ok(g) } else { Err(LedgerError::PaymentRefConflict(payment_ref.to_owned())) };
+    }
+    touch(tx, ctx, &mut acct).await?;
+    let spec = GrantSpec { kind: CreditKind::TopUp, amount: pack.credits, expires_at: None, source: &source, fingerprint: &fingerprint };
+    let grant = match insert_grant(tx, &mut acct, ctx.now, &spec).await? {
+        Some(g) => g,
+        // Another account's transaction took this reference between our check and insert.
+        None => return Err(LedgerError::PaymentRefConflict(payment_ref.to_owned())),
+    };
+    save(tx, &mut acct, ctx.now).await?;
+    Ok(grant)
+}
+
+pub async fn renew(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId) -> Result<Vec<Grant>> {
+    let mut acct = lock(tx, id).await?;
+    let before = acct.entries.len();
+    touch(tx, ctx, &mut acct).await?;
+    let mut new = Vec::new();
+    for e in &acct.entries[before..] {
+        if let (EntryType::Grant, Some(g)) = (e.entry, e.grant_id) {
+            let row: Option<GrantRow> = on_tx!(tx, c => sqlx::query_as("SELECT * FROM grants WHERE id = $1")
+                .bind(g.0)
+                .fetch_optional(&mut **c)
+                .await?);
+            if let Some(row) = row {
+                new.push(row.into_grant()?);
+            }
+        }
+    }
+    save(tx, &mut acct, ctx.now).await?;
+    Ok(new)
+}
+
+/// Accounts with a renewal or an expiry due at `now`.
+pub async fn due_accounts(tx: &mut Tx, now: Timestamp, limit: u32) -> Result<Vec<AccountId>> {
+    let ids: Vec<String> = on_tx!(tx, c => sqlx::query_scalar(
+        "SELECT id FROM accounts WHERE next_renewal_ms <= $1 \
+         UNION SELECT account_id FROM grants WHERE remaining > 0 AND expires_at_ms <= $1 \
+         ORDER BY 1 LIMIT $2",
+    )
+    .bind(now.millis())
+    .bind(i64::from(limit))
+    .fetch_all(&mut **c)
+    .await?);
+    ids.iter().map(|s| parse(s, "account id")).collect()
+}
+
+pub async fn balance(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId) -> Result<Balance> {
+    let mut acct = lock(tx, id).await?;
+    let mut live = touch(tx, ctx, &mut acct).await?;
+    save(tx, &mut acct, ctx.now).await?;
+    plan::sort_burn_down(&mut live);
+    let mut by_kind: Vec<KindBalance> = Vec::new();
+    for g in live {
+        match by_kind.last_mut() {
+            Some(k) if k.kind == g.kind && k.expires_at == g.expires_at => {
+                k.remaining = k.remaining.checked_add(g.remaining)?;
+            }
+            _ => by_kind.push(KindBalance { kind: g.kind, remaining: g.remaining, expires_at: g.expires_at }),
+        }
+    }
+    let t = &acct.totals;
+    Ok(Balance {
+        available: t.available(),
+        held: t.held,
+        committed: t.committed,
+        expired: t.expired,
+        granted: t.granted,
+        by_kind,
+    })
+}
+
+/// The account's journal, oldest first, `limit` entries after sequence number `after`.
+pub async fn journal(tx: &mut Tx, id: AccountId, after: Option<i64>, limit: u32) -> Result<JournalPage> {
+    account(tx, id).await?;
+    let limit = limit.clamp(1, 1_000);
+    let rows: Vec<JournalRow> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT * FROM journal WHERE account_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    )
+    .bind(id.to_string())
+    .bind(after.unwrap_or(0))
+    .bind(i64::from(limit) + 1)
+    .fetch_all(&mut **c)
+    .await?);
+    let mut entries = rows.into_iter().map(JournalRow::into_entry).collect::<Result<Vec<_>>>()?;
+    let more = entries.len() > limit as usize;
+    entries.truncate(limit as usize);
+    let next_after = if more { entries.last().map(|e| e.seq) } else { None };
+    Ok(JournalPage { entries, next_after })
+}
+
+/// Every grant of the account, oldest first.
+pub async fn grants(tx: &mut Tx, id: AccountId) -> Result<Vec<Grant>> {
+    account(tx, id).await?;
+    let rows: Vec<GrantRow> = on_tx!(tx, c => sqlx::query_as("SELECT * FROM grants WHERE account_id = $1 ORDER BY id")
+        .bind(id.to_string())
+        .fetch_all(&mut **c)
+        .await?);
+    rows.into_iter().map(GrantRow::into_grant).collect()
+}
