@@ -33,7 +33,9 @@ impl Timestamp {
 
     /// Parses an RFC 3339 time such as `2026-01-31T10:00:00Z`.
     pub fn parse_rfc3339(s: &str) -> Option<Timestamp> {
-        DateTime::parse_from_rfc3339(s).ok().map(|d| Timestamp(d.timestamp_millis()))
+        DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|d| Timestamp(d.timestamp_millis()))
     }
 
     /// RFC 3339 with millisecond precision, e.g. `2026-11-26T09:53:22.000Z`.

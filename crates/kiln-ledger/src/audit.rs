@@ -79,12 +79,18 @@ pub async fn audit(tx: &mut Tx, account: Option<AccountId>) -> Result<Vec<Breach
     let filter = account.map(|a| a.to_string());
     let accounts: Vec<AccountSums> =
         on_tx!(tx, c => sqlx::query_as(ACCOUNT_SUMS).bind(&filter).fetch_all(&mut **c).await?);
-    let grants: Vec<GrantSums> = on_tx!(tx, c => sqlx::query_as(GRANT_SUMS).bind(&filter).fetch_all(&mut **c).await?);
+    let grants: Vec<GrantSums> =
+        on_tx!(tx, c => sqlx::query_as(GRANT_SUMS).bind(&filter).fetch_all(&mut **c).await?);
     let reservations: Vec<ReservationSums> =
         on_tx!(tx, c => sqlx::query_as(RESERVATION_SUMS).bind(&filter).fetch_all(&mut **c).await?);
 
     let mut out = Vec::new();
-    let mut breach = |account: &str, what: String| out.push(Breach { account_id: account.to_owned(), what });
+    let mut breach = |account: &str, what: String| {
+        out.push(Breach {
+            account_id: account.to_owned(),
+            what,
+        })
+    };
     for a in &accounts {
         let mut check = |ok: bool, what: String| {
             if !ok {
@@ -99,16 +105,37 @@ pub async fn audit(tx: &mut Tx, account: Option<AccountId>) -> Result<Vec<Breach
                 a.granted, a.g_remaining, a.held, a.committed, a.expired
             ),
         );
-        check(a.granted == a.g_amount, format!("granted total {} != sum of grants {}", a.granted, a.g_amount));
-        check(a.expired == a.g_expired, format!("expired total {} != sum over grants {}", a.expired, a.g_expired));
-        check(a.held == a.r_held, format!("held total {} != held reservations {}", a.held, a.r_held));
+        check(
+            a.granted == a.g_amount,
+            format!(
+                "granted total {} != sum of grants {}",
+                a.granted, a.g_amount
+            ),
+        );
+        check(
+            a.expired == a.g_expired,
+            format!(
+                "expired total {} != sum over grants {}",
+                a.expired, a.g_expired
+            ),
+        );
+        check(
+            a.held == a.r_held,
+            format!("held total {} != held reservations {}", a.held, a.r_held),
+        );
         check(
             a.committed == a.r_committed,
-            format!("committed total {} != committed reservations {}", a.committed, a.r_committed),
+            format!(
+                "committed total {} != committed reservations {}",
+                a.committed, a.r_committed
+            ),
         );
         check(
             a.j_count == a.journal_seq,
-            format!("journal has {} entries but the sequence is at {}", a.j_count, a.journal_seq),
+            format!(
+                "journal has {} entries but the sequence is at {}",
+                a.j_count, a.journal_seq
+            ),
         );
         if a.journal_seq > 0 {
             check(
@@ -132,11 +159,18 @@ pub async fn audit(tx: &mut Tx, account: Option<AccountId>) -> Result<Vec<Breach
         }
     }
     for r in &reservations {
-        let ok = if r.exempt { r.amount == 0 && r.part_count == 0 } else { r.amount == r.parts };
+        let ok = if r.exempt {
+            r.amount == 0 && r.part_count == 0
+        } else {
+            r.amount == r.parts
+        };
         if !ok {
             breach(
                 &r.account_id,
-                format!("reservation {}: amount {} but parts sum to {} (exempt {})", r.id, r.amount, r.parts, r.exempt),
+                format!(
+                    "reservation {}: amount {} but parts sum to {} (exempt {})",
+                    r.id, r.amount, r.parts, r.exempt
+                ),
             );
         }
     }

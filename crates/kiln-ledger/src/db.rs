@@ -7,7 +7,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Postgres, Sqlite, Transaction};
 
 use crate::LedgerError;
@@ -53,7 +55,10 @@ pub struct DbOptions {
 
 impl Default for DbOptions {
     fn default() -> Self {
-        DbOptions { max_connections: 10, acquire_timeout: Duration::from_secs(30) }
+        DbOptions {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -92,7 +97,11 @@ impl Db {
                     .synchronous(SqliteSynchronous::Full)
                     .foreign_keys(true)
                     .busy_timeout(opts.acquire_timeout);
-                if let Some(dir) = options.get_filename().parent().filter(|d| !d.as_os_str().is_empty()) {
+                if let Some(dir) = options
+                    .get_filename()
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                {
                     create_dir(dir)?;
                 }
                 Ok(Db::Sqlite(
@@ -158,8 +167,12 @@ impl Db {
 }
 
 fn create_dir(dir: &Path) -> Result<(), LedgerError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| LedgerError::Io(format!("cannot create database directory {}: {e}", dir.display())))
+    std::fs::create_dir_all(dir).map_err(|e| {
+        LedgerError::Io(format!(
+            "cannot create database directory {}: {e}",
+            dir.display()
+        ))
+    })
 }
 
 impl Tx {

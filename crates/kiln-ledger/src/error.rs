@@ -13,18 +13,27 @@ pub enum LedgerError {
     #[error("reservation {0} not found")]
     ReservationNotFound(ReservationId),
     #[error("insufficient credits: {needed} needed, {available} available, {shortfall} short")]
-    InsufficientCredits { needed: Credits, available: Credits, shortfall: Credits },
+    InsufficientCredits {
+        needed: Credits,
+        available: Credits,
+        shortfall: Credits,
+    },
     #[error("idempotency key {key:?} was already used for a different request ({existing})")]
     IdempotencyConflict { key: String, existing: String },
     #[error("payment reference {0:?} was already used for a different top-up")]
     PaymentRefConflict(String),
     #[error("reservation {id} is already {state}")]
-    AlreadyResolved { id: ReservationId, state: ReservationState },
+    AlreadyResolved {
+        id: ReservationId,
+        state: ReservationState,
+    },
     #[error("unknown top-up pack {pack:?}; expected one of: {expected}")]
     UnknownPack { pack: String, expected: String },
     #[error("the {0} plan needs a monthly allowance (--allowance)")]
     AllowanceRequired(PlanId),
-    #[error("the {0} plan's allowance comes from the price list; only enterprise accounts set their own")]
+    #[error(
+        "the {0} plan's allowance comes from the price list; only enterprise accounts set their own"
+    )]
     AllowanceNotAllowed(PlanId),
     #[error("{what} must be 1-200 printable characters")]
     BadKey { what: &'static str },

@@ -16,14 +16,15 @@ use std::sync::atomic::{AtomicI64, Ordering};
 pub use audit::{Breach, audit};
 pub use db::{Backend, Db, DbOptions, Tx};
 pub use error::LedgerError;
+pub use kiln_core::CreditsError;
 pub use kiln_core::{AccountId, Action, CreditKind, Credits, PlanId, Pricing, Timestamp};
 pub use ops::{
-    Ctx, account, account_by_api_key, balance, charge, commit, create_account, due_accounts, grants, journal, quote, release,
-    renew, reserve, reservation, topup,
+    Ctx, account, account_by_api_key, balance, charge, commit, create_account, due_accounts,
+    grants, journal, quote, release, renew, reservation, reserve, topup,
 };
 pub use types::{
-    Account, Balance, CreatedAccount, EntryType, Grant, GrantId, JournalEntry, JournalPage, KindBalance, NewAccount,
-    Operation, Quote, Reservation, ReservationId, ReservationState,
+    Account, Balance, CreatedAccount, EntryType, Grant, GrantId, JournalEntry, JournalPage,
+    KindBalance, NewAccount, Operation, Quote, Reservation, ReservationId, ReservationState,
 };
 
 /// Where the ledger reads the time. Production uses the system clock; tests move a manual one.
@@ -58,6 +59,13 @@ impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
         Timestamp::from_millis(self.0.load(Ordering::SeqCst))
     }
+}
+
+/// What one scheduled renewal pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RenewReport {
+    pub renewed: usize,
+    pub failed: Vec<(AccountId, String)>,
 }
 
 /// The ledger with its own transactions: each method is one atomic operation.
@@ -95,7 +103,10 @@ impl Ledger {
 
     /// The context for `ops` calls made in a caller's own transaction.
     pub fn ctx(&self) -> Ctx<'_> {
-        Ctx { pricing: &self.pricing, now: self.clock.now() }
+        Ctx {
+            pricing: &self.pricing,
+            now: self.clock.now(),
+        }
     }
 
     pub async fn create_account(&self, new: NewAccount) -> Result<CreatedAccount, LedgerError> {
@@ -107,19 +118,35 @@ impl Ledger {
     }
 
     pub async fn account_by_api_key(&self, key: &str) -> Result<Option<Account>, LedgerError> {
-        in_tx!(self, begin_read, |tx, _ctx| ops::account_by_api_key(tx, key))
+        in_tx!(self, begin_read, |tx, _ctx| ops::account_by_api_key(
+            tx, key
+        ))
     }
 
     pub async fn quote(&self, id: AccountId, action: Action) -> Result<Quote, LedgerError> {
         in_tx!(self, begin, |tx, ctx| ops::quote(tx, &ctx, id, action))
     }
 
-    pub async fn reserve(&self, id: AccountId, action: Action, key: &str) -> Result<Reservation, LedgerError> {
-        in_tx!(self, begin, |tx, ctx| ops::reserve(tx, &ctx, id, action, key))
+    pub async fn reserve(
+        &self,
+        id: AccountId,
+        action: Action,
+        key: &str,
+    ) -> Result<Reservation, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::reserve(
+            tx, &ctx, id, action, key
+        ))
     }
 
-    pub async fn charge(&self, id: AccountId, action: Action, key: &str) -> Result<Reservation, LedgerError> {
-        in_tx!(self, begin, |tx, ctx| ops::charge(tx, &ctx, id, action, key))
+    pub async fn charge(
+        &self,
+        id: AccountId,
+        action: Action,
+        key: &str,
+    ) -> Result<Reservation, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::charge(
+            tx, &ctx, id, action, key
+        ))
     }
 
     pub async fn commit(&self, id: ReservationId) -> Result<Reservation, LedgerError> {
@@ -134,8 +161,19 @@ impl Ledger {
         in_tx!(self, begin_read, |tx, _ctx| ops::reservation(tx, id))
     }
 
-    pub async fn topup(&self, id: AccountId, pack: &str, payment_ref: &str) -> Result<Grant, LedgerError> {
-        in_tx!(self, begin, |tx, ctx| ops::topup(tx, &ctx, id, pack, payment_ref))
+    pub async fn topup(
+        &self,
+        id: AccountId,
+        pack: &str,
+        payment_ref: &str,
+    ) -> Result<Grant, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::topup(
+            tx,
+            &ctx,
+            id,
+            pack,
+            payment_ref
+        ))
     }
 
     /// Books due expiries and grants the current cycle's allowance if it is missing.
@@ -143,21 +181,39 @@ impl Ledger {
         in_tx!(self, begin, |tx, ctx| ops::renew(tx, &ctx, id))
     }
 
-    /// Renews every account that is due, one transaction each; returns how many were touched.
-    pub async fn renew_due(&self, limit: u32) -> Result<usize, LedgerError> {
-        let due: Vec<AccountId> = in_tx!(self, begin_read, |tx, ctx| ops::due_accounts(tx, ctx.now, limit))?;
-        for id in &due {
-            self.renew(*id).await?;
+    /// Renews every account that is due, one transaction each. One account that cannot be
+    /// renewed does not stop the others; it is reported.
+    pub async fn renew_due(&self, limit: u32) -> Result<RenewReport, LedgerError> {
+        let due: Vec<AccountId> = in_tx!(self, begin_read, |tx, ctx| ops::due_accounts(
+            tx, ctx.now, limit
+        ))?;
+        let mut report = RenewReport::default();
+        for id in due {
+            match self.renew(id).await {
+                Ok(_) => report.renewed += 1,
+                Err(e @ (LedgerError::Database(_) | LedgerError::Io(_))) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(account_id = %id, error = %e, "renewal failed");
+                    report.failed.push((id, e.to_string()));
+                }
+            }
         }
-        Ok(due.len())
+        Ok(report)
     }
 
     pub async fn balance(&self, id: AccountId) -> Result<Balance, LedgerError> {
         in_tx!(self, begin, |tx, ctx| ops::balance(tx, &ctx, id))
     }
 
-    pub async fn journal(&self, id: AccountId, after: Option<i64>, limit: u32) -> Result<JournalPage, LedgerError> {
-        in_tx!(self, begin_read, |tx, _ctx| ops::journal(tx, id, after, limit))
+    pub async fn journal(
+        &self,
+        id: AccountId,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<JournalPage, LedgerError> {
+        in_tx!(self, begin_read, |tx, _ctx| ops::journal(
+            tx, id, after, limit
+        ))
     }
 
     pub async fn grants(&self, id: AccountId) -> Result<Vec<Grant>, LedgerError> {

@@ -6,14 +6,17 @@
 
 use std::str::FromStr;
 
-use kiln_core::{AccountId, Action, CreditKind, Credits, PlanId, Pricing, Timestamp, billing_cycle};
+use kiln_core::{
+    AccountId, Action, CreditKind, Credits, PlanId, Pricing, Timestamp, billing_cycle,
+};
 use sha2::{Digest, Sha256};
 
 use crate::db::{Tx, on_tx};
 use crate::plan::{self, OpenGrant};
 use crate::{
-    Account, Balance, CreatedAccount, EntryType, Grant, GrantId, JournalEntry, JournalPage, KindBalance, LedgerError,
-    NewAccount, Operation, Quote, Reservation, ReservationId, ReservationState,
+    Account, Balance, CreatedAccount, EntryType, Grant, GrantId, JournalEntry, JournalPage,
+    KindBalance, LedgerError, NewAccount, Operation, Quote, Reservation, ReservationId,
+    ReservationState,
 };
 
 /// What every operation needs besides the transaction: the price list and the time.
@@ -100,7 +103,8 @@ struct JournalRow {
 }
 
 fn parse<T: FromStr>(s: &str, what: &str) -> Result<T> {
-    s.parse().map_err(|_| LedgerError::Corrupt(format!("stored {what} {s:?} does not parse")))
+    s.parse()
+        .map_err(|_| LedgerError::Corrupt(format!("stored {what} {s:?} does not parse")))
 }
 
 fn credits(n: i64, what: &str) -> Result<Credits> {
@@ -124,7 +128,11 @@ fn parse_operation(s: &str) -> Result<Operation> {
     Ok(match s {
         "reserve" => Operation::Reserve,
         "charge" => Operation::Charge,
-        other => return Err(LedgerError::Corrupt(format!("reservation operation {other:?}"))),
+        other => {
+            return Err(LedgerError::Corrupt(format!(
+                "reservation operation {other:?}"
+            )));
+        }
     })
 }
 
@@ -180,11 +188,22 @@ impl JournalRow {
             at: ts(self.at_ms),
             entry: parse_entry(&self.entry)?,
             amount: credits(self.amount, "journal amount")?,
-            kind: self.kind.as_deref().map(|k| parse(k, "grant kind")).transpose()?,
+            kind: self
+                .kind
+                .as_deref()
+                .map(|k| parse(k, "grant kind"))
+                .transpose()?,
             grant_id: self.grant_id.map(GrantId),
             reservation_id: self.reservation_id.map(ReservationId),
-            action: self.action.as_deref().map(|a| parse(a, "action")).transpose()?,
-            list_price: self.list_price.map(|p| credits(p, "list price")).transpose()?,
+            action: self
+                .action
+                .as_deref()
+                .map(|a| parse(a, "action"))
+                .transpose()?,
+            list_price: self
+                .list_price
+                .map(|p| credits(p, "list price"))
+                .transpose()?,
             reference: self.reference,
             available_after: credits(self.available_after, "journal available")?,
             held_after: credits(self.held_after, "journal held")?,
@@ -205,7 +224,10 @@ struct Totals {
 
 impl Totals {
     fn available(&self) -> Credits {
-        self.granted.saturating_sub(self.held).saturating_sub(self.committed).saturating_sub(self.expired)
+        self.granted
+            .saturating_sub(self.held)
+            .saturating_sub(self.committed)
+            .saturating_sub(self.expired)
     }
 }
 
@@ -239,7 +261,11 @@ impl NewEntry {
     }
 
     fn for_grant(entry: EntryType, amount: Credits, grant: GrantId, kind: CreditKind) -> NewEntry {
-        NewEntry { kind: Some(kind), grant_id: Some(grant), ..NewEntry::new(entry, amount) }
+        NewEntry {
+            kind: Some(kind),
+            grant_id: Some(grant),
+            ..NewEntry::new(entry, amount)
+        }
     }
 
     fn for_reservation(entry: EntryType, r: &Reservation) -> NewEntry {
@@ -274,7 +300,10 @@ impl Locked {
                 email: row.email,
                 plan: parse(&row.plan, "plan")?,
                 is_admin: row.is_admin,
-                monthly_allowance: row.monthly_allowance.map(|a| credits(a, "allowance")).transpose()?,
+                monthly_allowance: row
+                    .monthly_allowance
+                    .map(|a| credits(a, "allowance"))
+                    .transpose()?,
                 cycle_anchor: ts(row.cycle_anchor_ms),
                 created_at: ts(row.created_at_ms),
             },
@@ -307,7 +336,11 @@ impl Locked {
 
     fn expired(&mut self, grant: GrantId, kind: Option<CreditKind>, amount: Credits) -> Result<()> {
         self.totals.expired = self.totals.expired.checked_add(amount)?;
-        self.record(NewEntry { kind, grant_id: Some(grant), ..NewEntry::new(EntryType::Expire, amount) });
+        self.record(NewEntry {
+            kind,
+            grant_id: Some(grant),
+            ..NewEntry::new(EntryType::Expire, amount)
+        });
         Ok(())
     }
 
@@ -318,14 +351,22 @@ impl Locked {
     }
 
     fn committed(&mut self, r: &Reservation) -> Result<()> {
-        self.totals.held = self.totals.held.checked_sub(r.amount).ok_or_else(|| corrupt_sub("held"))?;
+        self.totals.held = self
+            .totals
+            .held
+            .checked_sub(r.amount)
+            .ok_or_else(|| corrupt_sub("held"))?;
         self.totals.committed = self.totals.committed.checked_add(r.amount)?;
         self.record(NewEntry::for_reservation(EntryType::Commit, r));
         Ok(())
     }
 
     fn released(&mut self, r: &Reservation) -> Result<()> {
-        self.totals.held = self.totals.held.checked_sub(r.amount).ok_or_else(|| corrupt_sub("held"))?;
+        self.totals.held = self
+            .totals
+            .held
+            .checked_sub(r.amount)
+            .ok_or_else(|| corrupt_sub("held"))?;
         self.record(NewEntry::for_reservation(EntryType::Release, r));
         Ok(())
     }
@@ -333,7 +374,10 @@ impl Locked {
     /// The monthly allowance this account is granted each cycle, if any.
     fn allowance(&self, pricing: &Pricing) -> Option<Credits> {
         match self.account.plan {
-            PlanId::Enterprise => self.account.monthly_allowance.or(pricing.plan(PlanId::Enterprise).monthly_credits),
+            PlanId::Enterprise => self
+                .account
+                .monthly_allowance
+                .or(pricing.plan(PlanId::Enterprise).monthly_credits),
             plan => pricing.plan(plan).monthly_credits,
         }
     }
@@ -349,8 +393,18 @@ const LOCK_ACCOUNT_SQLITE: &str = "SELECT * FROM accounts WHERE id = $1";
 async fn lock(tx: &mut Tx, id: AccountId) -> Result<Locked> {
     let id_s = id.to_string();
     let row: Option<AccountRow> = match tx {
-        Tx::Postgres(c) => sqlx::query_as(LOCK_ACCOUNT_PG).bind(&id_s).fetch_optional(&mut **c).await?,
-        Tx::Sqlite(c) => sqlx::query_as(LOCK_ACCOUNT_SQLITE).bind(&id_s).fetch_optional(&mut **c).await?,
+        Tx::Postgres(c) => {
+            sqlx::query_as(LOCK_ACCOUNT_PG)
+                .bind(&id_s)
+                .fetch_optional(&mut **c)
+                .await?
+        }
+        Tx::Sqlite(c) => {
+            sqlx::query_as(LOCK_ACCOUNT_SQLITE)
+                .bind(&id_s)
+                .fetch_optional(&mut **c)
+                .await?
+        }
     };
     Locked::from_row(row.ok_or(LedgerError::AccountNotFound(id))?)
 }
@@ -412,7 +466,13 @@ async fn open_grants(tx: &mut Tx, id: AccountId) -> Result<Vec<OpenGrant>> {
     rows.into_iter()
         .map(|r| {
             let g = r.into_grant()?;
-            Ok(OpenGrant { id: g.id, kind: g.kind, remaining: g.remaining, granted_at: g.granted_at, expires_at: g.expires_at })
+            Ok(OpenGrant {
+                id: g.id,
+                kind: g.kind,
+                remaining: g.remaining,
+                granted_at: g.granted_at,
+                expires_at: g.expires_at,
+            })
         })
         .collect()
 }
@@ -439,7 +499,12 @@ struct GrantSpec<'a> {
 
 /// Inserts a grant unless one with the same source exists. Returns the new grant, or `None`
 /// when the source was already used (the caller decides whether that is a replay or a conflict).
-async fn insert_grant(tx: &mut Tx, acct: &mut Locked, now: Timestamp, spec: &GrantSpec<'_>) -> Result<Option<Grant>> {
+async fn insert_grant(
+    tx: &mut Tx,
+    acct: &mut Locked,
+    now: Timestamp,
+    spec: &GrantSpec<'_>,
+) -> Result<Option<Grant>> {
     let id: Option<i64> = on_tx!(tx, c => sqlx::query_scalar(
         "INSERT INTO grants (account_id, kind, amount, remaining, granted_at_ms, expires_at_ms, source, fingerprint) \
          VALUES ($1, $2, $3, $3, $4, $5, $6, $7) ON CONFLICT (source) DO NOTHING RETURNING id",
@@ -469,13 +534,20 @@ async fn insert_grant(tx: &mut Tx, acct: &mut Locked, now: Timestamp, spec: &Gra
     Ok(Some(grant))
 }
 
-async fn exec_grant_update(tx: &mut Tx, sql: &'static str, grant: GrantId, amount: Credits) -> Result<()> {
+async fn exec_grant_update(
+    tx: &mut Tx,
+    sql: &'static str,
+    grant: GrantId,
+    amount: Credits,
+) -> Result<()> {
     let done = on_tx!(tx, c => sqlx::query(sql).bind(grant.0).bind(amount.as_i64()).execute(&mut **c).await?
         .rows_affected());
     if done == 1 {
         Ok(())
     } else {
-        Err(LedgerError::Corrupt(format!("grant {grant} could not be updated ({sql})")))
+        Err(LedgerError::Corrupt(format!(
+            "grant {grant} could not be updated ({sql})"
+        )))
     }
 }
 
@@ -489,10 +561,16 @@ async fn reservation_row(tx: &mut Tx, id: ReservationId) -> Result<Reservation> 
         .bind(id.0)
         .fetch_optional(&mut **c)
         .await?);
-    row.ok_or(LedgerError::ReservationNotFound(id))?.into_reservation()
+    row.ok_or(LedgerError::ReservationNotFound(id))?
+        .into_reservation()
 }
 
-async fn set_state(tx: &mut Tx, r: &mut Reservation, state: ReservationState, now: Timestamp) -> Result<()> {
+async fn set_state(
+    tx: &mut Tx,
+    r: &mut Reservation,
+    state: ReservationState,
+    now: Timestamp,
+) -> Result<()> {
     let done = on_tx!(tx, c => sqlx::query(
         "UPDATE reservations SET state = $2, resolved_at_ms = $3 WHERE id = $1 AND state = 'held'",
     )
@@ -503,7 +581,10 @@ async fn set_state(tx: &mut Tx, r: &mut Reservation, state: ReservationState, no
     .await?
         .rows_affected());
     if done != 1 {
-        return Err(LedgerError::Corrupt(format!("reservation {} was not held", r.id)));
+        return Err(LedgerError::Corrupt(format!(
+            "reservation {} was not held",
+            r.id
+        )));
     }
     r.state = state;
     r.resolved_at = Some(now);
@@ -536,7 +617,13 @@ async fn touch(tx: &mut Tx, ctx: &Ctx<'_>, acct: &mut Locked) -> Result<Vec<Open
                 fingerprint: &source,
             };
             if let Some(g) = insert_grant(tx, acct, ctx.now, &spec).await? {
-                live.push(OpenGrant { id: g.id, kind: g.kind, remaining: g.remaining, granted_at: g.granted_at, expires_at: g.expires_at });
+                live.push(OpenGrant {
+                    id: g.id,
+                    kind: g.kind,
+                    remaining: g.remaining,
+                    granted_at: g.granted_at,
+                    expires_at: g.expires_at,
+                });
             }
             acct.renewed_cycle = Some(cycle.start);
             acct.next_renewal = Some(cycle.end);
@@ -550,19 +637,35 @@ async fn touch(tx: &mut Tx, ctx: &Ctx<'_>, acct: &mut Locked) -> Result<Vec<Open
 
 fn check_key(key: &str, what: &'static str) -> Result<()> {
     let ok = (1..=200).contains(&key.chars().count()) && key.chars().all(|c| !c.is_control());
-    if ok { Ok(()) } else { Err(LedgerError::BadKey { what }) }
+    if ok {
+        Ok(())
+    } else {
+        Err(LedgerError::BadKey { what })
+    }
 }
 
 fn hash_api_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-pub async fn create_account(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewAccount) -> Result<CreatedAccount> {
+pub async fn create_account(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    new: &NewAccount,
+) -> Result<CreatedAccount> {
     match (new.plan, new.monthly_allowance) {
-        (PlanId::Enterprise, None) if ctx.pricing.plan(PlanId::Enterprise).monthly_credits.is_none() => {
+        (PlanId::Enterprise, None)
+            if ctx
+                .pricing
+                .plan(PlanId::Enterprise)
+                .monthly_credits
+                .is_none() =>
+        {
             return Err(LedgerError::AllowanceRequired(PlanId::Enterprise));
         }
-        (PlanId::Enterprise, Some(a)) if a.is_zero() => return Err(Credits::positive(0).unwrap_err().into()),
+        (PlanId::Enterprise, Some(a)) if a.is_zero() => {
+            return Err(Credits::positive(0).unwrap_err().into());
+        }
         (PlanId::Enterprise, _) | (_, None) => {}
         (plan, Some(_)) => return Err(LedgerError::AllowanceNotAllowed(plan)),
     }
@@ -571,7 +674,8 @@ pub async fn create_account(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewAccount) -> Res
     }
     let id = AccountId::new();
     let mut secret = [0u8; 24];
-    getrandom::fill(&mut secret).map_err(|e| LedgerError::Io(format!("no randomness for an API key: {e}")))?;
+    getrandom::fill(&mut secret)
+        .map_err(|e| LedgerError::Io(format!("no randomness for an API key: {e}")))?;
     let api_key = format!("kiln_{}", hex::encode(secret));
     on_tx!(tx, c => sqlx::query(
         "INSERT INTO accounts (id, email, plan, is_admin, monthly_allowance, api_key_hash, cycle_anchor_ms, created_at_ms) \
@@ -591,12 +695,21 @@ pub async fn create_account(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewAccount) -> Res
     let welcome = ctx.pricing.plan(new.plan).welcome_credits;
     if !welcome.is_zero() {
         let source = format!("welcome:{id}");
-        let spec = GrantSpec { kind: CreditKind::Welcome, amount: welcome, expires_at: None, source: &source, fingerprint: &source };
+        let spec = GrantSpec {
+            kind: CreditKind::Welcome,
+            amount: welcome,
+            expires_at: None,
+            source: &source,
+            fingerprint: &source,
+        };
         insert_grant(tx, &mut acct, ctx.now, &spec).await?;
     }
     touch(tx, ctx, &mut acct).await?;
     save(tx, &mut acct, ctx.now).await?;
-    Ok(CreatedAccount { account: acct.account, api_key })
+    Ok(CreatedAccount {
+        account: acct.account,
+        api_key,
+    })
 }
 
 pub async fn account(tx: &mut Tx, id: AccountId) -> Result<Account> {
@@ -620,22 +733,52 @@ pub async fn quote(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId, action: Action) ->
     let live = touch(tx, ctx, &mut acct).await?;
     save(tx, &mut acct, ctx.now).await?;
     let list_price = ctx.pricing.cost(action);
-    let cost = if acct.account.is_admin { Credits::ZERO } else { list_price };
+    let cost = if acct.account.is_admin {
+        Credits::ZERO
+    } else {
+        list_price
+    };
     let available = plan::available(&live, ctx.now);
-    Ok(Quote { action, cost, list_price, available, affordable: cost <= available, shortfall: cost.saturating_sub(available) })
+    Ok(Quote {
+        action,
+        cost,
+        list_price,
+        available,
+        affordable: cost <= available,
+        shortfall: cost.saturating_sub(available),
+    })
 }
 
 /// Holds the credits for `action`, drawn from grants in burn-down order.
-pub async fn reserve(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId, action: Action, key: &str) -> Result<Reservation> {
+pub async fn reserve(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    id: AccountId,
+    action: Action,
+    key: &str,
+) -> Result<Reservation> {
     hold(tx, ctx, id, action, key, Operation::Reserve).await
 }
 
 /// Reserves and commits in one step.
-pub async fn charge(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId, action: Action, key: &str) -> Result<Reservation> {
+pub async fn charge(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    id: AccountId,
+    action: Action,
+    key: &str,
+) -> Result<Reservation> {
     hold(tx, ctx, id, action, key, Operation::Charge).await
 }
 
-async fn hold(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId, action: Action, key: &str, op: Operation) -> Result<Reservation> {
+async fn hold(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    id: AccountId,
+    action: Action,
+    key: &str,
+    op: Operation,
+) -> Result<Reservation> {
     check_key(key, "idempotency key")?;
     let mut acct = lock(tx, id).await?;
     let existing: Option<ReservationRow> = on_tx!(tx, c => sqlx::query_as(
@@ -659,11 +802,12 @@ async fn hold(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId, action: Action, key: &s
     let list_price = ctx.pricing.cost(action);
     let exempt = acct.account.is_admin;
     let amount = if exempt { Credits::ZERO } else { list_price };
-    let draws = plan::plan_draws(&live, ctx.now, amount).map_err(|s| LedgerError::InsufficientCredits {
-        needed: s.needed,
-        available: s.available,
-        shortfall: s.needed.saturating_sub(s.available),
-    })?;
+    let draws =
+        plan::plan_draws(&live, ctx.now, amount).map_err(|s| LedgerError::InsufficientCredits {
+            needed: s.needed,
+            available: s.available,
+            shortfall: s.needed.saturating_sub(s.available),
+        })?;
     for d in &draws {
         exec_grant_update(tx, DRAW, d.grant_id, d.amount).await?;
     }
@@ -744,7 +888,9 @@ pub async fn release(tx: &mut Tx, ctx: &Ctx<'_>, id: ReservationId) -> Result<Re
     let (mut acct, mut r) = lock_reservation(tx, id).await?;
     match r.state {
         ReservationState::Released => return Ok(r),
-        ReservationState::Committed => return Err(LedgerError::AlreadyResolved { id, state: r.state }),
+        ReservationState::Committed => {
+            return Err(LedgerError::AlreadyResolved { id, state: r.state });
+        }
         ReservationState::Held => {}
     }
     let parts: Vec<PartRow> = on_tx!(tx, c => sqlx::query_as(
@@ -775,20 +921,45 @@ pub async fn reservation(tx: &mut Tx, id: ReservationId) -> Result<Reservation> 
 
 /// Buys a top-up pack. Idempotent by payment reference: the same reference for the same account
 /// and pack returns the original grant; for anything else it is a conflict.
-pub async fn topup(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId, pack: &str, payment_ref: &str) -> Result<Grant> {
-    let pack = ctx.pricing.pack(pack).ok_or_else(|| LedgerError::UnknownPack {
-        pack: pack.to_owned(),
-        expected: ctx.pricing.packs().iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(", "),
-    })?;
+pub async fn topup(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    id: AccountId,
+    pack: &str,
+    payment_ref: &str,
+) -> Result<Grant> {
+    let pack = ctx
+        .pricing
+        .pack(pack)
+        .ok_or_else(|| LedgerError::UnknownPack {
+            pack: pack.to_owned(),
+            expected: ctx
+                .pricing
+                .packs()
+                .iter()
+                .map(|p| p.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
     check_key(payment_ref, "payment reference")?;
     let mut acct = lock(tx, id).await?;
     let source = format!("topup:{payment_ref}");
     let fingerprint = format!("{id}:{}:{}", pack.id, pack.credits);
     if let Some((g, fp)) = grant_by_source(tx, &source).await? {
-        return if fp == fingerprint { Ok(g) } else { Err(LedgerError::PaymentRefConflict(payment_ref.to_owned())) };
+        return if fp == fingerprint {
+            Ok(g)
+        } else {
+            Err(LedgerError::PaymentRefConflict(payment_ref.to_owned()))
+        };
     }
     touch(tx, ctx, &mut acct).await?;
-    let spec = GrantSpec { kind: CreditKind::TopUp, amount: pack.credits, expires_at: None, source: &source, fingerprint: &fingerprint };
+    let spec = GrantSpec {
+        kind: CreditKind::TopUp,
+        amount: pack.credits,
+        expires_at: None,
+        source: &source,
+        fingerprint: &fingerprint,
+    };
     let grant = match insert_grant(tx, &mut acct, ctx.now, &spec).await? {
         Some(g) => g,
         // Another account's transaction took this reference between our check and insert.
@@ -843,7 +1014,11 @@ pub async fn balance(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId) -> Result<Balanc
             Some(k) if k.kind == g.kind && k.expires_at == g.expires_at => {
                 k.remaining = k.remaining.checked_add(g.remaining)?;
             }
-            _ => by_kind.push(KindBalance { kind: g.kind, remaining: g.remaining, expires_at: g.expires_at }),
+            _ => by_kind.push(KindBalance {
+                kind: g.kind,
+                remaining: g.remaining,
+                expires_at: g.expires_at,
+            }),
         }
     }
     let t = &acct.totals;
@@ -858,7 +1033,12 @@ pub async fn balance(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId) -> Result<Balanc
 }
 
 /// The account's journal, oldest first, `limit` entries after sequence number `after`.
-pub async fn journal(tx: &mut Tx, id: AccountId, after: Option<i64>, limit: u32) -> Result<JournalPage> {
+pub async fn journal(
+    tx: &mut Tx,
+    id: AccountId,
+    after: Option<i64>,
+    limit: u32,
+) -> Result<JournalPage> {
     account(tx, id).await?;
     let limit = limit.clamp(1, 1_000);
     let rows: Vec<JournalRow> = on_tx!(tx, c => sqlx::query_as(
@@ -869,11 +1049,21 @@ pub async fn journal(tx: &mut Tx, id: AccountId, after: Option<i64>, limit: u32)
     .bind(i64::from(limit) + 1)
     .fetch_all(&mut **c)
     .await?);
-    let mut entries = rows.into_iter().map(JournalRow::into_entry).collect::<Result<Vec<_>>>()?;
+    let mut entries = rows
+        .into_iter()
+        .map(JournalRow::into_entry)
+        .collect::<Result<Vec<_>>>()?;
     let more = entries.len() > limit as usize;
     entries.truncate(limit as usize);
-    let next_after = if more { entries.last().map(|e| e.seq) } else { None };
-    Ok(JournalPage { entries, next_after })
+    let next_after = if more {
+        entries.last().map(|e| e.seq)
+    } else {
+        None
+    };
+    Ok(JournalPage {
+        entries,
+        next_after,
+    })
 }
 
 /// Every grant of the account, oldest first.

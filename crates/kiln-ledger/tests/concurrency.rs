@@ -6,28 +6,50 @@ mod common;
 use std::sync::Arc;
 
 use common::Harness;
-use kiln_ledger::{Action, Backend, Credits, LedgerError, NewAccount, PlanId, Pricing, ReservationState};
+use kiln_ledger::{
+    Action, Backend, Credits, LedgerError, NewAccount, PlanId, Pricing, ReservationState,
+};
 use tokio::task::JoinSet;
 
-backends!(two_hundred_reserves_race_for_twenty_slots, same_key_from_many_callers_reserves_once, commit_and_release_race);
+backends!(
+    two_hundred_reserves_race_for_twenty_slots,
+    same_key_from_many_callers_reserves_once,
+    commit_and_release_race
+);
 
 async fn harness(backend: Backend) -> (Harness, kiln_ledger::AccountId) {
     let h = Harness::with(backend, Pricing::default(), 16).await;
-    let new = NewAccount { plan: PlanId::Discover, is_admin: false, email: None, monthly_allowance: None };
-    let id = h.ledger.create_account(new).await.expect("create").account.id;
+    let new = NewAccount {
+        plan: PlanId::Discover,
+        is_admin: false,
+        email: None,
+        monthly_allowance: None,
+    };
+    let id = h
+        .ledger
+        .create_account(new)
+        .await
+        .expect("create")
+        .account
+        .id;
     (h, id)
 }
 
 async fn two_hundred_reserves_race_for_twenty_slots(backend: Backend) {
     let (h, id) = harness(backend).await;
-    assert_eq!(h.ledger.balance(id).await.expect("balance").available, Credits::new_const(200));
+    assert_eq!(
+        h.ledger.balance(id).await.expect("balance").available,
+        Credits::new_const(200)
+    );
     let barrier = Arc::new(tokio::sync::Barrier::new(200));
     let mut set = JoinSet::new();
     for i in 0..200 {
         let (ledger, barrier) = (h.ledger.clone(), barrier.clone());
         set.spawn(async move {
             barrier.wait().await;
-            ledger.reserve(id, Action::EssentialsKit, &format!("job-{i}")).await
+            ledger
+                .reserve(id, Action::EssentialsKit, &format!("job-{i}"))
+                .await
         });
     }
     let (mut ok, mut short) = (0, 0);
@@ -46,8 +68,15 @@ async fn two_hundred_reserves_race_for_twenty_slots(backend: Backend) {
     }
     assert_eq!((ok, short), (20, 180));
     let b = h.ledger.balance(id).await.expect("balance");
-    assert_eq!((b.available, b.held), (Credits::ZERO, Credits::new_const(200)));
-    assert_eq!(b.granted, Credits::new_const(200), "conservation: granted = available + held");
+    assert_eq!(
+        (b.available, b.held),
+        (Credits::ZERO, Credits::new_const(200))
+    );
+    assert_eq!(
+        b.granted,
+        Credits::new_const(200),
+        "conservation: granted = available + held"
+    );
     let breaches = h.ledger.audit().await.expect("audit");
     assert!(breaches.is_empty(), "{breaches:#?}");
 }
@@ -61,7 +90,11 @@ async fn same_key_from_many_callers_reserves_once(backend: Backend) {
     }
     let mut ids = Vec::new();
     while let Some(res) = set.join_next().await {
-        ids.push(res.expect("task").expect("every caller gets the reservation").id);
+        ids.push(
+            res.expect("task")
+                .expect("every caller gets the reservation")
+                .id,
+        );
     }
     ids.dedup();
     assert_eq!(ids.len(), 1, "one reservation for one key");
@@ -73,17 +106,27 @@ async fn same_key_from_many_callers_reserves_once(backend: Backend) {
 async fn commit_and_release_race(backend: Backend) {
     let (h, id) = harness(backend).await;
     for round in 0..10 {
-        let r = h.ledger.reserve(id, Action::EssentialsKit, &format!("race-{round}")).await.expect("reserve");
+        let r = h
+            .ledger
+            .reserve(id, Action::EssentialsKit, &format!("race-{round}"))
+            .await
+            .expect("reserve");
         let (l1, l2) = (h.ledger.clone(), h.ledger.clone());
         let (c, rel) = tokio::join!(l1.commit(r.id), l2.release(r.id));
         // Exactly one resolution wins; the loser is told the reservation is already resolved.
         let final_state = h.ledger.reservation(r.id).await.expect("reservation").state;
         match (c, rel) {
             (Ok(c), Err(LedgerError::AlreadyResolved { .. })) => {
-                assert_eq!((c.state, final_state), (ReservationState::Committed, ReservationState::Committed));
+                assert_eq!(
+                    (c.state, final_state),
+                    (ReservationState::Committed, ReservationState::Committed)
+                );
             }
             (Err(LedgerError::AlreadyResolved { .. }), Ok(r)) => {
-                assert_eq!((r.state, final_state), (ReservationState::Released, ReservationState::Released));
+                assert_eq!(
+                    (r.state, final_state),
+                    (ReservationState::Released, ReservationState::Released)
+                );
             }
             other => panic!("round {round}: both or neither resolved: {other:?}"),
         }

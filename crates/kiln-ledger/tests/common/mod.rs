@@ -8,7 +8,8 @@ use kiln_ledger::{Backend, Db, DbOptions, Ledger, ManualClock, Pricing, Timestam
 
 /// The PostgreSQL server the tests create their databases on (`make test` starts it).
 pub fn pg_admin_url() -> String {
-    std::env::var("KILN_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("KILN_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A database that exists for one test and is removed when dropped, even after a panic.
@@ -28,12 +29,18 @@ enum Cleanup {
 impl TestDb {
     pub async fn new(backend: Backend, max_connections: u32) -> TestDb {
         let tag = ulid::Ulid::generate().to_string().to_lowercase();
-        let opts = DbOptions { max_connections, ..DbOptions::default() };
+        let opts = DbOptions {
+            max_connections,
+            ..DbOptions::default()
+        };
         let (url, cleanup) = match backend {
             Backend::Postgres => {
                 let name = format!("kiln_test_{tag}");
                 let admin = Db::connect(&pg_admin_url()).await.unwrap_or_else(|e| {
-                    panic!("PostgreSQL is not reachable at {} ({e}); run `make test`", pg_admin_url())
+                    panic!(
+                        "PostgreSQL is not reachable at {} ({e}); run `make test`",
+                        pg_admin_url()
+                    )
                 });
                 if let Db::Postgres(pool) = &admin {
                     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -43,15 +50,22 @@ impl TestDb {
                 }
                 admin.close().await;
                 let base = pg_admin_url();
-                let root = base.rsplit_once('/').map_or(base.as_str(), |(root, _)| root);
+                let root = base
+                    .rsplit_once('/')
+                    .map_or(base.as_str(), |(root, _)| root);
                 (format!("{root}/{name}"), Cleanup::Postgres(name))
             }
             Backend::Sqlite => {
                 let dir = std::env::temp_dir().join(format!("kiln-test-{tag}"));
-                (format!("sqlite://{}/kiln.db", dir.display()), Cleanup::Sqlite(dir))
+                (
+                    format!("sqlite://{}/kiln.db", dir.display()),
+                    Cleanup::Sqlite(dir),
+                )
             }
         };
-        let db = Db::connect_with(&url, &opts).await.expect("connect to test database");
+        let db = Db::connect_with(&url, &opts)
+            .await
+            .expect("connect to test database");
         db.migrate().await.expect("migrate test database");
         TestDb { db, url, cleanup }
     }
@@ -67,7 +81,10 @@ impl Drop for TestDb {
                 let name = name.clone();
                 // Drop runs inside the test's runtime: do the async clean-up on a thread of its own.
                 let _ = std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .ok()?;
                     rt.block_on(async {
                         let admin = Db::connect(&pg_admin_url()).await.ok()?;
                         if let Db::Postgres(pool) = &admin {
@@ -107,8 +124,16 @@ impl Harness {
     pub async fn with(backend: Backend, pricing: Pricing, max_connections: u32) -> Harness {
         let test_db = TestDb::new(backend, max_connections).await;
         let clock = ManualClock::new(start_time());
-        let ledger = Ledger::new(test_db.db.clone(), Arc::new(pricing), Arc::new(clock.clone()));
-        Harness { test_db, ledger, clock }
+        let ledger = Ledger::new(
+            test_db.db.clone(),
+            Arc::new(pricing),
+            Arc::new(clock.clone()),
+        );
+        Harness {
+            test_db,
+            ledger,
+            clock,
+        }
     }
 }
 
