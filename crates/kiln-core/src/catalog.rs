@@ -20,9 +20,21 @@ pub struct ParseError {
 macro_rules! string_enum {
     ($(#[$m:meta])* $name:ident, $what:literal { $($variant:ident => $id:literal),+ $(,)? }) => {
         $(#[$m])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(rename_all = "snake_case")]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub enum $name { $($variant),+ }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
 
         impl $name {
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
@@ -118,6 +130,13 @@ mod tests {
             e.to_string()
                 .contains("discover, source, atelier, enterprise")
         );
+        let json = serde_json::to_string(&CreditKind::TopUp).expect("serialize");
+        assert_eq!(json, "\"topup\"", "serde uses the same id as as_str");
+        assert_eq!(
+            serde_json::from_str::<Action>("\"caratzon_kit\"").expect("parse"),
+            Action::CaratzonKit
+        );
+        assert!(serde_json::from_str::<Kit>("\"deluxe\"").is_err());
         assert!(CreditKind::Welcome < CreditKind::Subscription);
         assert!(CreditKind::Subscription < CreditKind::TopUp);
     }

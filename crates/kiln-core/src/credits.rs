@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
-#[serde(try_from = "i128", into = "u64")]
+#[serde(try_from = "i64", into = "u64")]
 pub struct Credits(u64);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,10 +99,10 @@ impl Credits {
     }
 }
 
-impl TryFrom<i128> for Credits {
+impl TryFrom<i64> for Credits {
     type Error = CreditsError;
-    fn try_from(n: i128) -> Result<Self, Self::Error> {
-        Credits::new(n)
+    fn try_from(n: i64) -> Result<Self, Self::Error> {
+        Credits::new(i128::from(n))
     }
 }
 

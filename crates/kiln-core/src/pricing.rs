@@ -143,6 +143,18 @@ impl Pricing {
     /// Reads a TOML price configuration; anything it leaves out keeps its default.
     pub fn from_toml(text: &str) -> Result<Pricing, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string()))?;
+        Pricing::from_raw(raw)
+    }
+
+    /// The same from an already parsed table (the `[pricing]` section of kiln's config file).
+    pub fn from_table(table: toml::Table) -> Result<Pricing, ConfigError> {
+        let raw: RawConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Toml(e.to_string()))?;
+        Pricing::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<Pricing, ConfigError> {
         let mut actions = default_actions();
         actions.extend(raw.actions);
         let mut plans = default_plans();

@@ -1,0 +1,180 @@
+//! The `kiln` binary driven from a shell, as an operator would, on SQLite and PostgreSQL.
+
+use kiln_e2e::{PgDb, Scratch, kiln, ok};
+use serde_json::Value;
+
+fn json(out: &std::process::Output) -> Value {
+    serde_json::from_str(&ok(out)).expect("JSON output")
+}
+
+/// Open an account, top it up twice with the same payment reference, read balance and ledger.
+fn ledger_from_the_shell(url: Option<&str>, cwd: &std::path::Path) {
+    ok(&kiln(url, cwd, &["migrate"]));
+    let created = json(&kiln(
+        url,
+        cwd,
+        &[
+            "--json", "accounts", "create", "--plan", "discover", "--email", "a@b.co",
+        ],
+    ));
+    let id = created["id"].as_str().expect("id").to_owned();
+    assert!(
+        created["api_key"]
+            .as_str()
+            .expect("api key")
+            .starts_with("kiln_")
+    );
+
+    let text = ok(&kiln(url, cwd, &["accounts", "balance", &id]));
+    assert!(text.contains("available  200"), "{text}");
+    for _ in 0..2 {
+        ok(&kiln(
+            url,
+            cwd,
+            &["topup", &id, "--pack", "small", "--payment-ref", "inv-42"],
+        ));
+    }
+    let bal = json(&kiln(url, cwd, &["--json", "accounts", "balance", &id]));
+    assert_eq!(
+        bal["available"], 700,
+        "one top-up for one payment reference: {bal}"
+    );
+    assert_eq!(bal["by_kind"][0]["kind"], "welcome");
+    assert_eq!(bal["by_kind"][1]["kind"], "topup");
+
+    let journal = json(&kiln(url, cwd, &["--json", "accounts", "ledger", &id]));
+    let entries = journal["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 2, "{journal}");
+    assert_eq!(entries[1]["reference"], "topup:inv-42");
+
+    let show = ok(&kiln(url, cwd, &["accounts", "show", &id]));
+    assert!(
+        show.contains("discover") && show.contains("a@b.co"),
+        "{show}"
+    );
+    assert!(ok(&kiln(url, cwd, &["audit"])).contains("clean"));
+}
+
+/// Bad input: a clear message on stderr, a failing exit code, and nothing changed.
+fn refusals(url: Option<&str>, cwd: &std::path::Path) {
+    let created = json(&kiln(
+        url,
+        cwd,
+        &["--json", "accounts", "create", "--plan", "source"],
+    ));
+    let id = created["id"].as_str().expect("id").to_owned();
+    let cases: &[(&[&str], &str)] = &[
+        (&["accounts", "create", "--plan", "gold"], "unknown plan"),
+        (
+            &["accounts", "create", "--plan", "enterprise"],
+            "needs a monthly allowance",
+        ),
+        (
+            &[
+                "accounts",
+                "create",
+                "--plan",
+                "enterprise",
+                "--allowance",
+                "-5",
+            ],
+            "negative",
+        ),
+        (
+            &[
+                "accounts",
+                "create",
+                "--plan",
+                "enterprise",
+                "--allowance",
+                "0",
+            ],
+            "positive",
+        ),
+        (
+            &[
+                "accounts",
+                "create",
+                "--plan",
+                "enterprise",
+                "--allowance",
+                "99999999999999999999999",
+            ],
+            "exceeds",
+        ),
+        (
+            &["topup", &id, "--pack", "jumbo", "--payment-ref", "x"],
+            "unknown top-up pack",
+        ),
+        (
+            &[
+                "topup",
+                "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+                "--pack",
+                "small",
+                "--payment-ref",
+                "x",
+            ],
+            "not found",
+        ),
+        (
+            &["accounts", "balance", "not-an-id"],
+            "not a valid account id",
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = kiln(url, cwd, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            stderr.contains(expect),
+            "{args:?}: expected {expect:?} in {stderr}"
+        );
+    }
+    let bal = json(&kiln(url, cwd, &["--json", "accounts", "balance", &id]));
+    assert_eq!(bal["available"], 1500);
+    assert!(ok(&kiln(url, cwd, &["audit"])).contains("clean"));
+}
+
+#[test]
+fn sqlite_default_database_under_kiln_data() {
+    let dir = Scratch::new();
+    ledger_from_the_shell(None, &dir.0);
+    assert!(
+        dir.0.join("kiln-data/kiln.db").exists(),
+        "the embedded default lives in ./kiln-data"
+    );
+    refusals(None, &dir.0);
+}
+
+#[test]
+fn postgres_database() {
+    let dir = Scratch::new();
+    let db = PgDb::new();
+    ledger_from_the_shell(Some(&db.url), &dir.0);
+    refusals(Some(&db.url), &dir.0);
+}
+
+#[test]
+fn bad_configuration_is_refused_at_start() {
+    let dir = Scratch::new();
+    let out = kiln(Some("mysql://nope"), &dir.0, &["migrate"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("database URL must start with"));
+    let cfg = dir.0.join("kiln.toml");
+    std::fs::write(
+        &cfg,
+        "[[pricing.packs]]\nid = \"cheap\"\ncredits = 10000\nprice_cents = 100\n",
+    )
+    .expect("write");
+    let out = kiln(
+        None,
+        &dir.0,
+        &["--config", cfg.to_str().expect("utf-8 path"), "migrate"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("subscribing must always be the best deal"),
+        "{stderr}"
+    );
+}
