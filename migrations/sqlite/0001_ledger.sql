@@ -39,7 +39,7 @@ CREATE TABLE grants (
     fingerprint    TEXT NOT NULL,
     CHECK (remaining + expired <= amount)
 );
-CREATE INDEX grants_open ON grants (account_id) WHERE remaining > 0;
+CREATE INDEX grants_account ON grants (account_id);
 CREATE INDEX grants_expiring ON grants (expires_at_ms) WHERE remaining > 0 AND expires_at_ms IS NOT NULL;
 
 CREATE TABLE reservations (

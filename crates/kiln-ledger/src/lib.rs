@@ -19,8 +19,8 @@ pub use error::LedgerError;
 pub use kiln_core::CreditsError;
 pub use kiln_core::{AccountId, Action, CreditKind, Credits, PlanId, Pricing, Timestamp};
 pub use ops::{
-    Ctx, account, account_by_api_key, balance, charge, commit, create_account, due_accounts,
-    grants, journal, quote, release, renew, reservation, reserve, topup,
+    Ctx, Totals, account, account_by_api_key, balance, charge, commit, create_account,
+    due_accounts, grants, journal, quote, release, renew, reservation, reserve, topup, totals,
 };
 pub use types::{
     Account, Balance, CreatedAccount, EntryType, Grant, GrantId, JournalEntry, JournalPage,
@@ -214,6 +214,11 @@ impl Ledger {
         in_tx!(self, begin_read, |tx, _ctx| ops::journal(
             tx, id, after, limit
         ))
+    }
+
+    /// The stored totals, read without renewing or booking expiries.
+    pub async fn totals(&self, id: AccountId) -> Result<Totals, LedgerError> {
+        in_tx!(self, begin_read, |tx, _ctx| ops::totals(tx, id))
     }
 
     pub async fn grants(&self, id: AccountId) -> Result<Vec<Grant>, LedgerError> {

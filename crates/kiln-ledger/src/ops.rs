@@ -215,15 +215,17 @@ impl JournalRow {
 // A locked account being worked on: its totals change in memory and are saved, with the journal
 // entries that explain each change, in `save`.
 
-struct Totals {
-    granted: Credits,
-    held: Credits,
-    committed: Credits,
-    expired: Credits,
+/// An account's running totals. `granted = available + held + committed + expired` always.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    pub granted: Credits,
+    pub held: Credits,
+    pub committed: Credits,
+    pub expired: Credits,
 }
 
 impl Totals {
-    fn available(&self) -> Credits {
+    pub fn available(&self) -> Credits {
         self.granted
             .saturating_sub(self.held)
             .saturating_sub(self.committed)
@@ -712,12 +714,16 @@ pub async fn create_account(
     })
 }
 
-pub async fn account(tx: &mut Tx, id: AccountId) -> Result<Account> {
+async fn read_account(tx: &mut Tx, id: AccountId) -> Result<Locked> {
     let row: Option<AccountRow> = on_tx!(tx, c => sqlx::query_as("SELECT * FROM accounts WHERE id = $1")
         .bind(id.to_string())
         .fetch_optional(&mut **c)
         .await?);
-    Ok(Locked::from_row(row.ok_or(LedgerError::AccountNotFound(id))?)?.account)
+    Locked::from_row(row.ok_or(LedgerError::AccountNotFound(id))?)
+}
+
+pub async fn account(tx: &mut Tx, id: AccountId) -> Result<Account> {
+    Ok(read_account(tx, id).await?.account)
 }
 
 pub async fn account_by_api_key(tx: &mut Tx, key: &str) -> Result<Option<Account>> {
@@ -1064,6 +1070,12 @@ pub async fn journal(
         entries,
         next_after,
     })
+}
+
+/// The account's running totals as stored, without bringing the account up to date first (no
+/// expiry booking, no renewal): a pure read, for audits and operators.
+pub async fn totals(tx: &mut Tx, id: AccountId) -> Result<Totals> {
+    Ok(read_account(tx, id).await?.totals)
 }
 
 /// Every grant of the account, oldest first.

@@ -46,6 +46,7 @@ backends!(
     journal_is_paged_append_only_and_never_rewritten,
     bad_input_is_a_typed_error_and_changes_nothing,
     overflow_is_refused,
+    audit_finds_tampering,
 );
 
 async fn burn_down_spends_subscription_then_welcome_then_oldest_topup(backend: Backend) {
@@ -900,4 +901,60 @@ async fn overflow_is_refused(backend: Backend) {
         .await
         .expect("charge");
     assert_clean(&h).await;
+}
+
+async fn audit_finds_tampering(backend: Backend) {
+    let h = Harness::new(backend).await;
+    let acct = h
+        .ledger
+        .create_account(new_account(PlanId::Source))
+        .await
+        .expect("create")
+        .account;
+    let r = h
+        .ledger
+        .reserve(acct.id, Action::CaratzonKit, "k")
+        .await
+        .expect("reserve");
+    h.ledger
+        .charge(acct.id, Action::Image, "k2")
+        .await
+        .expect("charge");
+    assert_clean(&h).await;
+    // Each statement breaks one invariant behind the ledger's back; the audit must name it.
+    let tampering = [
+        (
+            "UPDATE grants SET remaining = remaining + 5",
+            "conservation",
+        ),
+        ("UPDATE accounts SET held = held - 1", "held total"),
+        (
+            "UPDATE reservations SET state = 'released' WHERE state = 'held'",
+            "drawn by live reservations",
+        ),
+        (
+            "UPDATE reservation_parts SET amount = amount + 1",
+            "parts sum",
+        ),
+    ];
+    for (sql, expect) in tampering {
+        let mut tx = h.ledger.db().begin().await.expect("begin");
+        match &mut tx {
+            kiln_ledger::Tx::Postgres(c) => sqlx::query(sql).execute(&mut **c).await.map(drop),
+            kiln_ledger::Tx::Sqlite(c) => sqlx::query(sql).execute(&mut **c).await.map(drop),
+        }
+        .expect("tamper");
+        let breaches = kiln_ledger::audit(&mut tx, None).await.expect("audit");
+        assert!(
+            breaches.iter().any(|b| b.what.contains(expect)),
+            "{sql}: expected {expect:?} in {breaches:#?}"
+        );
+        assert!(breaches.iter().all(|b| b.account_id == acct.id.to_string()));
+        drop(tx); // rolled back
+    }
+    assert_clean(&h).await;
+    assert_eq!(
+        h.ledger.reservation(r.id).await.expect("reservation").state,
+        ReservationState::Held
+    );
 }

@@ -364,7 +364,11 @@ async fn random_operations_match_the_model(backend: Backend) {
     let mut journals: HashMap<AccountId, Vec<JournalEntry>> = HashMap::new();
     let packs = ["small", "medium", "large", "nope"];
 
+    let started = std::time::Instant::now();
     for i in 0..steps {
+        if i % 1_000 == 0 {
+            println!("{backend:?}: step {i}, {:.1?} elapsed", started.elapsed());
+        }
         let now = h.clock_now();
         let n = m.accounts.len();
         let step = if rng.u8(..100) < 5 && last.is_some() {
@@ -650,6 +654,44 @@ async fn compare_grants(h: &Harness, m: &Model, a: usize, ctx: &str) {
         .map(|&g| m.grants[g].clone())
         .collect();
     assert_eq!(db, model, "{ctx}: grants of account {a}");
+}
+
+/// Invariant 1 on both sides: the stored totals equal the model's, and each side conserves.
+async fn compare_totals(h: &Harness, m: &Model, a: usize, ctx: &str) {
+    let t = h.ledger.totals(m.accounts[a].id).await.expect("totals");
+    let grants = m.accounts[a].grants.iter().map(|&g| &m.grants[g]);
+    let (granted, remaining, expired) = grants.fold((0, 0, 0), |(x, y, z), g| {
+        (x + g.amount, y + g.remaining, z + g.expired)
+    });
+    let in_state = |s| {
+        let rs = m
+            .keys
+            .iter()
+            .filter(|((acct, _), _)| *acct == a)
+            .map(|(_, &r)| &m.reservations[r]);
+        rs.filter(|r| r.state == s).map(|r| r.amount).sum::<u64>()
+    };
+    let (held, committed) = (
+        in_state(ReservationState::Held),
+        in_state(ReservationState::Committed),
+    );
+    assert_eq!(
+        granted,
+        remaining + held + committed + expired,
+        "{ctx}: the model does not conserve"
+    );
+    let db = (
+        t.granted.get(),
+        t.held.get(),
+        t.committed.get(),
+        t.expired.get(),
+        t.available().get(),
+    );
+    assert_eq!(
+        db,
+        (granted, held, committed, expired, remaining),
+        "{ctx}: totals of account {a}"
+    );
 }
 
 trait ClockNow {
