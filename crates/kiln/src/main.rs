@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kiln_core::{AccountId, Credits, PlanId};
+use kiln_core::{AccountId, Action, Credits, PlanId};
 use kiln_ledger::{Balance, Db, JournalPage, Ledger, NewAccount, SystemClock};
 use serde::Serialize;
 
@@ -45,8 +45,25 @@ enum Command {
         #[arg(long = "payment-ref")]
         payment_ref: String,
     },
+    /// What an action would cost an account now, and whether it can afford it.
+    Quote {
+        account: AccountId,
+        #[arg(long)]
+        action: Action,
+    },
+    /// Charge an action at once (reserve + commit), idempotent by key.
+    Charge {
+        account: AccountId,
+        #[arg(long)]
+        action: Action,
+        #[arg(long = "idempotency-key")]
+        idempotency_key: String,
+    },
     /// Check the ledger's invariants on the whole database; exits 1 on any breach.
     Audit,
+    /// Walk through the billing path on the embedded default: a new account, Cara charges, a
+    /// kit's reservation released as a failed job would, a top-up, and the journal.
+    Demo,
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,6 +221,30 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 print_balance(&ledger.balance(account).await?);
             }
         }
+        Command::Quote { account, action } => {
+            let q = ledger.quote(account, action).await?;
+            if out.json {
+                out.print(&q);
+            } else {
+                println!("{action}: {} credits (list price {}), {} available", q.cost, q.list_price, q.available);
+                if q.affordable {
+                    println!("affordable");
+                } else {
+                    println!("short by {}: top up with `kiln topup {account} --pack ...`", q.shortfall);
+                }
+            }
+        }
+        Command::Charge { account, action, idempotency_key } => {
+            let r = ledger.charge(account, action, &idempotency_key).await?;
+            if out.json {
+                out.print(&r);
+            } else {
+                let exempt = if r.exempt { format!(" (exempt; list price {})", r.list_price) } else { String::new() };
+                println!("charged  {} credits for {action}{exempt}, reservation {}", r.amount, r.id);
+                print_balance(&ledger.balance(account).await?);
+            }
+        }
+        Command::Demo => demo(&ledger).await?,
         Command::Audit => {
             let breaches = ledger.audit().await?;
             if out.json {
@@ -306,4 +347,42 @@ fn print_journal(page: &JournalPage) {
     if let Some(n) = page.next_after {
         println!("more: --after {n}");
     }
+}
+
+async fn demo(ledger: &Ledger) -> anyhow::Result<()> {
+    let new = NewAccount { plan: PlanId::Discover, is_admin: false, email: Some("demo@kiln.local".into()), monthly_allowance: None };
+    let id = ledger.create_account(new).await?.account.id;
+    println!("== a Discover account {id} opens with its welcome credits");
+    print_balance(&ledger.balance(id).await?);
+    let before = ledger.balance(id).await?.available;
+
+    println!("\n== two Cara messages, charged on send (the second send is a retry: same key, one charge)");
+    for key in ["msg-1", "msg-2", "msg-2"] {
+        let r = ledger.charge(id, Action::TextMessage, key).await?;
+        println!("charge {key}: {} credits, reservation {}", r.amount, r.id);
+    }
+
+    println!("\n== a Caratzon kit is quoted, its credits held, and released as a failed job would");
+    let q = ledger.quote(id, Action::CaratzonKit).await?;
+    println!("quote: {} credits, {} available, affordable: {}", q.cost, q.available, q.affordable);
+    let r = ledger.reserve(id, Action::CaratzonKit, "kit-1").await?;
+    println!("held {} credits (reservation {})", r.amount, r.id);
+    print_balance(&ledger.balance(id).await?);
+    ledger.release(r.id).await?;
+    println!("released: the credits went back");
+
+    println!("\n== a top-up pack, bought twice with one payment reference: granted once");
+    for _ in 0..2 {
+        ledger.topup(id, "small", "demo-payment-1").await?;
+    }
+    let after = ledger.balance(id).await?;
+    print_balance(&after);
+    println!("\nbalance before {before}, after {} ", after.available);
+
+    println!("\n== the journal");
+    print_journal(&ledger.journal(id, None, 50).await?);
+    let breaches = ledger.audit_account(id).await?;
+    anyhow::ensure!(breaches.is_empty(), "ledger invariants broken: {breaches:?}");
+    println!("\naudit: every invariant holds. Kits themselves join this demo with the kit worker.");
+    Ok(())
 }

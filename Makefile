@@ -1,0 +1,43 @@
+# kiln — the two commands a fresh machine needs: `make demo` and `make test`.
+# Only the Rust toolchain is assumed; everything else is installed or started here.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+export KILN_TEST_PG_URL ?= postgres://postgres:postgres@127.0.0.1:5432/postgres
+
+.PHONY: demo test services build lint bench clean-test-dbs
+
+## Run the embedded default end to end (SQLite + a local directory, no servers).
+demo:
+	$(CARGO) run -q -p kiln -- demo
+
+## Start or install what the tests need, then run every test.
+test: services build
+	@if command -v cargo-nextest >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		echo "cargo-nextest not found: running cargo test"; \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+## PostgreSQL on 127.0.0.1:5432 (started, or installed with apt-get), and stale test databases gone.
+services:
+	@scripts/ensure-postgres.sh
+	@$(MAKE) -s clean-test-dbs
+
+## The binaries the end-to-end tests run (cargo test alone builds only test harnesses).
+build:
+	$(CARGO) build --workspace --bins
+
+clean-test-dbs:
+	@for db in $$(psql "$$KILN_TEST_PG_URL" -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'kiln\_test\_%' OR datname LIKE 'kiln\_e2e\_%'"); do \
+		psql "$$KILN_TEST_PG_URL" -qc "DROP DATABASE IF EXISTS $$db WITH (FORCE)" >/dev/null; \
+	done
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## Benchmarks (release build; not part of the tests). Results go in docs/BENCHMARKS.md.
+bench: services
+	scripts/bench.sh
