@@ -7,18 +7,29 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_ledger::{Action, Credits, Db, DbOptions, Ledger, NewAccount, PlanId, Pricing, SystemClock};
+use kiln_ledger::{
+    Action, Credits, Db, DbOptions, Ledger, NewAccount, PlanId, Pricing, SystemClock,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let url = args.get(1).ok_or("usage: ledger_bench <database-url> [clients] [seconds] [shared]")?;
+    let url = args
+        .get(1)
+        .ok_or("usage: ledger_bench <database-url> [clients] [seconds] [shared]")?;
     let clients: usize = args.get(2).map_or(Ok(8), |s| s.parse())?;
     let seconds: u64 = args.get(3).map_or(Ok(5), |s| s.parse())?;
     let shared = args.get(4).is_some_and(|s| s == "shared");
 
     let max_connections = u32::try_from(clients)? + 1;
-    let db = Db::connect_with(url, &DbOptions { max_connections, ..DbOptions::default() }).await?;
+    let db = Db::connect_with(
+        url,
+        &DbOptions {
+            max_connections,
+            ..DbOptions::default()
+        },
+    )
+    .await?;
     db.migrate().await?;
     let ledger = Ledger::new(db, Arc::new(Pricing::default()), Arc::new(SystemClock));
     let new = NewAccount {
@@ -40,7 +51,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tasks.push(tokio::spawn(async move {
             let mut pairs = 0u64;
             while Instant::now() < deadline {
-                let r = ledger.reserve(account, Action::EssentialsKit, &format!("bench-{c}-{pairs}")).await?;
+                let r = ledger
+                    .reserve(
+                        account,
+                        Action::EssentialsKit,
+                        &format!("bench-{c}-{pairs}"),
+                    )
+                    .await?;
                 ledger.commit(r.id).await?;
                 pairs += 1;
             }

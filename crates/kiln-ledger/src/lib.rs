@@ -150,6 +150,13 @@ impl Ledger {
     }
 
     pub async fn commit(&self, id: ReservationId) -> Result<Reservation, LedgerError> {
+        // On PostgreSQL a commit is one statement: run it without BEGIN/COMMIT round trips.
+        if let Db::Postgres(pool) = &self.db {
+            let mut conn = pool.acquire().await?;
+            if let Some(r) = ops::commit_pg(&mut conn, self.clock.now(), id).await? {
+                return Ok(r);
+            }
+        }
         in_tx!(self, begin, |tx, ctx| ops::commit(tx, &ctx, id))
     }
 

@@ -79,6 +79,38 @@ struct ReservationRow {
     resolved_at_ms: Option<i64>,
 }
 
+/// An idempotency-key lookup and the account's open grants, in one round trip.
+#[derive(sqlx::FromRow)]
+struct KeyAndGrantRow {
+    existing: Option<i64>,
+    id: Option<i64>,
+    kind: Option<String>,
+    remaining: Option<i64>,
+    granted_at_ms: Option<i64>,
+    expires_at_ms: Option<i64>,
+}
+
+impl KeyAndGrantRow {
+    fn into_open_grant(self) -> Option<Result<OpenGrant>> {
+        let (id, kind, remaining, granted_at) =
+            (self.id?, self.kind?, self.remaining?, self.granted_at_ms?);
+        Some((|| {
+            Ok(OpenGrant {
+                id: GrantId(id),
+                kind: parse(&kind, "grant kind")?,
+                remaining: credits(remaining, "grant remaining")?,
+                granted_at: ts(granted_at),
+                expires_at: self.expires_at_ms.map(ts),
+            })
+        })())
+    }
+}
+
+const KEY_AND_GRANTS: &str = "SELECT \
+    (SELECT r.id FROM reservations r WHERE r.account_id = $1 AND r.idempotency_key = $2) AS existing, \
+    g.id, g.kind, g.remaining, g.granted_at_ms, g.expires_at_ms \
+    FROM (SELECT 1 AS one) AS x LEFT JOIN grants g ON g.account_id = $1 AND g.remaining > 0";
+
 #[derive(sqlx::FromRow)]
 struct PartRow {
     grant_id: i64,
@@ -411,50 +443,132 @@ async fn lock(tx: &mut Tx, id: AccountId) -> Result<Locked> {
     Locked::from_row(row.ok_or(LedgerError::AccountNotFound(id))?)
 }
 
+const UPDATE_ACCOUNT: &str = "UPDATE accounts SET granted = $2, held = $3, committed = $4, expired = $5, \
+    journal_seq = $6, renewed_cycle_ms = $7, next_renewal_ms = $8 WHERE id = $1";
+
+const INSERT_JOURNAL: &str = "INSERT INTO journal (account_id, seq, at_ms, entry, amount, kind, grant_id, \
+    reservation_id, action, list_price, reference, available_after, held_after) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+
+// PostgreSQL: the journal entries and the totals in one statement, whatever the number of entries.
+const SAVE_PG: &str = "WITH j AS (INSERT INTO journal (account_id, seq, at_ms, entry, amount, kind, grant_id, \
+    reservation_id, action, list_price, reference, available_after, held_after) \
+    SELECT $1, e.seq, $9, e.entry, e.amount, e.kind, e.grant_id, e.reservation_id, e.action, e.list_price, \
+    e.reference, e.available_after, e.held_after \
+    FROM UNNEST($10::bigint[], $11::text[], $12::bigint[], $13::text[], $14::bigint[], $15::bigint[], $16::text[], \
+    $17::bigint[], $18::text[], $19::bigint[], $20::bigint[]) \
+    AS e(seq, entry, amount, kind, grant_id, reservation_id, action, list_price, reference, available_after, held_after)) \
+    UPDATE accounts SET granted = $2, held = $3, committed = $4, expired = $5, \
+    journal_seq = $6, renewed_cycle_ms = $7, next_renewal_ms = $8 WHERE id = $1";
+
+/// Binds `$1..=$8` of `UPDATE_ACCOUNT` / `SAVE_PG`.
+macro_rules! bind_account {
+    ($q:expr, $id:expr, $acct:expr) => {
+        $q.bind($id)
+            .bind($acct.totals.granted.as_i64())
+            .bind($acct.totals.held.as_i64())
+            .bind($acct.totals.committed.as_i64())
+            .bind($acct.totals.expired.as_i64())
+            .bind($acct.journal_seq)
+            .bind($acct.renewed_cycle.map(Timestamp::millis))
+            .bind($acct.next_renewal.map(Timestamp::millis))
+    };
+}
+
 /// Writes the account's totals and appends its new journal entries.
 async fn save(tx: &mut Tx, acct: &mut Locked, now: Timestamp) -> Result<()> {
     let id = acct.account.id.to_string();
-    for e in std::mem::take(&mut acct.entries) {
-        acct.journal_seq += 1;
-        let seq = acct.journal_seq;
-        on_tx!(tx, c => sqlx::query(
-            "INSERT INTO journal (account_id, seq, at_ms, entry, amount, kind, grant_id, reservation_id, action, \
-             list_price, reference, available_after, held_after) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(&id)
-        .bind(seq)
-        .bind(now.millis())
-        .bind(e.entry.as_str())
-        .bind(e.amount.as_i64())
-        .bind(e.kind.map(CreditKind::as_str))
-        .bind(e.grant_id.map(|g| g.0))
-        .bind(e.reservation_id.map(|r| r.0))
-        .bind(e.action.map(Action::as_str))
-        .bind(e.list_price.map(Credits::as_i64))
-        .bind(e.reference)
-        .bind(e.available_after.as_i64())
-        .bind(e.held_after.as_i64())
-        .execute(&mut **c)
-        .await?
-        .rows_affected());
+    let entries = std::mem::take(&mut acct.entries);
+    let seqs: Vec<i64> = (acct.journal_seq + 1..).take(entries.len()).collect();
+    acct.journal_seq +=
+        i64::try_from(entries.len()).map_err(|_| LedgerError::Corrupt("journal length".into()))?;
+    match tx {
+        Tx::Postgres(c) => {
+            bind_account!(sqlx::query(SAVE_PG), &id, acct)
+                .bind(now.millis())
+                .bind(seqs)
+                .bind(entries.iter().map(|e| e.entry.as_str()).collect::<Vec<_>>())
+                .bind(
+                    entries
+                        .iter()
+                        .map(|e| e.amount.as_i64())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    entries
+                        .iter()
+                        .map(|e| e.kind.map(CreditKind::as_str))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    entries
+                        .iter()
+                        .map(|e| e.grant_id.map(|g| g.0))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    entries
+                        .iter()
+                        .map(|e| e.reservation_id.map(|r| r.0))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    entries
+                        .iter()
+                        .map(|e| e.action.map(Action::as_str))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    entries
+                        .iter()
+                        .map(|e| e.list_price.map(Credits::as_i64))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    entries
+                        .iter()
+                        .map(|e| e.reference.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    entries
+                        .iter()
+                        .map(|e| e.available_after.as_i64())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    entries
+                        .iter()
+                        .map(|e| e.held_after.as_i64())
+                        .collect::<Vec<_>>(),
+                )
+                .execute(&mut **c)
+                .await?;
+        }
+        Tx::Sqlite(c) => {
+            for (seq, e) in seqs.into_iter().zip(entries) {
+                sqlx::query(INSERT_JOURNAL)
+                    .bind(&id)
+                    .bind(seq)
+                    .bind(now.millis())
+                    .bind(e.entry.as_str())
+                    .bind(e.amount.as_i64())
+                    .bind(e.kind.map(CreditKind::as_str))
+                    .bind(e.grant_id.map(|g| g.0))
+                    .bind(e.reservation_id.map(|r| r.0))
+                    .bind(e.action.map(Action::as_str))
+                    .bind(e.list_price.map(Credits::as_i64))
+                    .bind(e.reference)
+                    .bind(e.available_after.as_i64())
+                    .bind(e.held_after.as_i64())
+                    .execute(&mut **c)
+                    .await?;
+            }
+            bind_account!(sqlx::query(UPDATE_ACCOUNT), &id, acct)
+                .execute(&mut **c)
+                .await?;
+        }
     }
-    let t = &acct.totals;
-    on_tx!(tx, c => sqlx::query(
-        "UPDATE accounts SET granted = $2, held = $3, committed = $4, expired = $5, journal_seq = $6, \
-         renewed_cycle_ms = $7, next_renewal_ms = $8 WHERE id = $1",
-    )
-    .bind(&id)
-    .bind(t.granted.as_i64())
-    .bind(t.held.as_i64())
-    .bind(t.committed.as_i64())
-    .bind(t.expired.as_i64())
-    .bind(acct.journal_seq)
-    .bind(acct.renewed_cycle.map(Timestamp::millis))
-    .bind(acct.next_renewal.map(Timestamp::millis))
-    .execute(&mut **c)
-    .await?
-        .rows_affected());
     Ok(())
 }
 
@@ -554,6 +668,22 @@ async fn exec_grant_update(
 }
 
 const DRAW: &str = "UPDATE grants SET remaining = remaining - $2 WHERE id = $1 AND remaining >= $2";
+
+const INSERT_RESERVATION: &str = "INSERT INTO reservations (account_id, idempotency_key, operation, action, amount, \
+    list_price, exempt, state, created_at_ms, resolved_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id";
+const INSERT_PART: &str =
+    "INSERT INTO reservation_parts (reservation_id, seq, grant_id, amount) VALUES ($1, $2, $3, $4)";
+// PostgreSQL: the draws from the grants, the reservation and its parts in one statement; it
+// returns the reservation id and how many grants were drawn from.
+const INSERT_RESERVATION_PG: &str = "WITH g AS (UPDATE grants SET remaining = remaining - d.amount \
+    FROM UNNEST($11::bigint[], $12::bigint[]) AS d(id, amount) \
+    WHERE grants.id = d.id AND grants.remaining >= d.amount RETURNING grants.id), \
+    r AS (INSERT INTO reservations (account_id, idempotency_key, operation, \
+    action, amount, list_price, exempt, state, created_at_ms, resolved_at_ms) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id), \
+    p AS (INSERT INTO reservation_parts (reservation_id, seq, grant_id, amount) \
+    SELECT r.id, d.seq, d.grant_id, d.amount FROM r, UNNEST($11::bigint[], $12::bigint[]) WITH ORDINALITY AS d(grant_id, amount, seq)) \
+    SELECT r.id, (SELECT COUNT(*) FROM g) AS drawn FROM r";
 const RETURN: &str = "UPDATE grants SET remaining = remaining + $2 WHERE id = $1";
 const EXPIRE_RETURNED: &str = "UPDATE grants SET expired = expired + $2 WHERE id = $1";
 const EXPIRE_REMAINING: &str = "UPDATE grants SET expired = expired + remaining, remaining = 0 WHERE id = $1 AND remaining = $2";
@@ -567,39 +697,24 @@ async fn reservation_row(tx: &mut Tx, id: ReservationId) -> Result<Reservation> 
         .into_reservation()
 }
 
-async fn set_state(
-    tx: &mut Tx,
-    r: &mut Reservation,
-    state: ReservationState,
-    now: Timestamp,
-) -> Result<()> {
-    let done = on_tx!(tx, c => sqlx::query(
-        "UPDATE reservations SET state = $2, resolved_at_ms = $3 WHERE id = $1 AND state = 'held'",
-    )
-    .bind(r.id.0)
-    .bind(state.as_str())
-    .bind(now.millis())
-    .execute(&mut **c)
-    .await?
-        .rows_affected());
-    if done != 1 {
-        return Err(LedgerError::Corrupt(format!(
-            "reservation {} was not held",
-            r.id
-        )));
-    }
-    r.state = state;
-    r.resolved_at = Some(now);
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------------
 // On access: book expiries that are due and grant the current cycle's allowance if missing.
 
 /// Brings the account up to `now` and returns its spendable grants.
 async fn touch(tx: &mut Tx, ctx: &Ctx<'_>, acct: &mut Locked) -> Result<Vec<OpenGrant>> {
+    let open = open_grants(tx, acct.account.id).await?;
+    touch_with(tx, ctx, acct, open).await
+}
+
+/// `touch` with the account's open grants already loaded.
+async fn touch_with(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    acct: &mut Locked,
+    open: Vec<OpenGrant>,
+) -> Result<Vec<OpenGrant>> {
     let mut live = Vec::new();
-    for g in open_grants(tx, acct.account.id).await? {
+    for g in open {
         if g.is_expired(ctx.now) {
             exec_grant_update(tx, EXPIRE_REMAINING, g.id, g.remaining).await?;
             acct.expired(g.id, Some(g.kind), g.remaining)?;
@@ -787,15 +902,14 @@ async fn hold(
 ) -> Result<Reservation> {
     check_key(key, "idempotency key")?;
     let mut acct = lock(tx, id).await?;
-    let existing: Option<ReservationRow> = on_tx!(tx, c => sqlx::query_as(
-        "SELECT * FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
-    )
-    .bind(id.to_string())
-    .bind(key)
-    .fetch_optional(&mut **c)
-    .await?);
-    if let Some(row) = existing {
-        let r = row.into_reservation()?;
+    // After the lock, so a reservation another transaction made under this key is visible.
+    let rows: Vec<KeyAndGrantRow> = on_tx!(tx, c => sqlx::query_as(KEY_AND_GRANTS)
+        .bind(id.to_string())
+        .bind(key)
+        .fetch_all(&mut **c)
+        .await?);
+    if let Some(existing) = rows.first().and_then(|r| r.existing) {
+        let r = reservation_row(tx, ReservationId(existing)).await?;
         if r.operation == op && r.action == action {
             return Ok(r);
         }
@@ -804,7 +918,11 @@ async fn hold(
             existing: format!("{} of {}", r.operation.as_str(), r.action),
         });
     }
-    let live = touch(tx, ctx, &mut acct).await?;
+    let open = rows
+        .into_iter()
+        .filter_map(KeyAndGrantRow::into_open_grant)
+        .collect::<Result<Vec<_>>>()?;
+    let live = touch_with(tx, ctx, &mut acct, open).await?;
     let list_price = ctx.pricing.cost(action);
     let exempt = acct.account.is_admin;
     let amount = if exempt { Credits::ZERO } else { list_price };
@@ -814,36 +932,80 @@ async fn hold(
             available: s.available,
             shortfall: s.needed.saturating_sub(s.available),
         })?;
-    for d in &draws {
-        exec_grant_update(tx, DRAW, d.grant_id, d.amount).await?;
-    }
-    let rid: i64 = on_tx!(tx, c => sqlx::query_scalar(
-        "INSERT INTO reservations (account_id, idempotency_key, operation, action, amount, list_price, exempt, state, \
-         created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, 'held', $8) RETURNING id",
-    )
-    .bind(id.to_string())
-    .bind(key)
-    .bind(op.as_str())
-    .bind(action.as_str())
-    .bind(amount.as_i64())
-    .bind(list_price.as_i64())
-    .bind(exempt)
-    .bind(ctx.now.millis())
-    .fetch_one(&mut **c)
-    .await?);
-    for (seq, d) in (1_i32..).zip(&draws) {
-        on_tx!(tx, c => sqlx::query(
-            "INSERT INTO reservation_parts (reservation_id, seq, grant_id, amount) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(rid)
-        .bind(seq)
-        .bind(d.grant_id.0)
-        .bind(d.amount.as_i64())
-        .execute(&mut **c)
-        .await?
-        .rows_affected());
-    }
-    let mut r = Reservation {
+    let state = if op == Operation::Charge {
+        ReservationState::Committed
+    } else {
+        ReservationState::Held
+    };
+    let resolved_at = (op == Operation::Charge).then_some(ctx.now);
+    let grant_ids: Vec<i64> = draws.iter().map(|d| d.grant_id.0).collect();
+    let amounts: Vec<i64> = draws.iter().map(|d| d.amount.as_i64()).collect();
+    let rid: i64 = match tx {
+        Tx::Postgres(c) => {
+            let (rid, drawn): (i64, i64) = sqlx::query_as(INSERT_RESERVATION_PG)
+                .bind(id.to_string())
+                .bind(key)
+                .bind(op.as_str())
+                .bind(action.as_str())
+                .bind(amount.as_i64())
+                .bind(list_price.as_i64())
+                .bind(exempt)
+                .bind(state.as_str())
+                .bind(ctx.now.millis())
+                .bind(resolved_at.map(Timestamp::millis))
+                .bind(&grant_ids)
+                .bind(&amounts)
+                .fetch_one(&mut **c)
+                .await?;
+            if usize::try_from(drawn).ok() != Some(draws.len()) {
+                return Err(LedgerError::Corrupt(format!(
+                    "drew from {drawn} of {} grants",
+                    draws.len()
+                )));
+            }
+            rid
+        }
+        Tx::Sqlite(c) => {
+            for d in &draws {
+                let drawn = sqlx::query(DRAW)
+                    .bind(d.grant_id.0)
+                    .bind(d.amount.as_i64())
+                    .execute(&mut **c)
+                    .await?
+                    .rows_affected();
+                if drawn != 1 {
+                    return Err(LedgerError::Corrupt(format!(
+                        "grant {} could not be drawn from",
+                        d.grant_id
+                    )));
+                }
+            }
+            let rid: i64 = sqlx::query_scalar(INSERT_RESERVATION)
+                .bind(id.to_string())
+                .bind(key)
+                .bind(op.as_str())
+                .bind(action.as_str())
+                .bind(amount.as_i64())
+                .bind(list_price.as_i64())
+                .bind(exempt)
+                .bind(state.as_str())
+                .bind(ctx.now.millis())
+                .bind(resolved_at.map(Timestamp::millis))
+                .fetch_one(&mut **c)
+                .await?;
+            for (seq, (g, a)) in (1_i32..).zip(grant_ids.iter().zip(&amounts)) {
+                sqlx::query(INSERT_PART)
+                    .bind(rid)
+                    .bind(seq)
+                    .bind(g)
+                    .bind(a)
+                    .execute(&mut **c)
+                    .await?;
+            }
+            rid
+        }
+    };
+    let r = Reservation {
         id: ReservationId(rid),
         account_id: id,
         idempotency_key: key.to_owned(),
@@ -852,53 +1014,104 @@ async fn hold(
         amount,
         list_price,
         exempt,
-        state: ReservationState::Held,
+        state,
         created_at: ctx.now,
-        resolved_at: None,
+        resolved_at,
     };
     acct.reserved(&r)?;
     if op == Operation::Charge {
-        set_state(tx, &mut r, ReservationState::Committed, ctx.now).await?;
         acct.committed(&r)?;
     }
     save(tx, &mut acct, ctx.now).await?;
     Ok(r)
 }
 
-/// Locks the reservation's account, then reads the reservation as it stands under that lock.
-async fn lock_reservation(tx: &mut Tx, id: ReservationId) -> Result<(Locked, Reservation)> {
-    let account = reservation_row(tx, id).await?.account_id;
-    let acct = lock(tx, account).await?;
+/// Moves a held reservation to `state`, taking its row lock. `None` when it is not held (or
+/// does not exist): see `unresolved`.
+async fn resolve_row(
+    tx: &mut Tx,
+    id: ReservationId,
+    state: ReservationState,
+    now: Timestamp,
+) -> Result<Option<Reservation>> {
+    let row: Option<ReservationRow> = on_tx!(tx, c => sqlx::query_as(
+        "UPDATE reservations SET state = $2, resolved_at_ms = $3 WHERE id = $1 AND state = 'held' RETURNING *",
+    )
+    .bind(id.0)
+    .bind(state.as_str())
+    .bind(now.millis())
+    .fetch_optional(&mut **c)
+    .await?);
+    row.map(ReservationRow::into_reservation).transpose()
+}
+
+/// A reservation that was not held: resolving it again the same way is a no-op, the other way
+/// is an error.
+async fn unresolved(
+    tx: &mut Tx,
+    id: ReservationId,
+    wanted: ReservationState,
+) -> Result<Reservation> {
     let r = reservation_row(tx, id).await?;
-    Ok((acct, r))
+    if r.state == wanted {
+        Ok(r)
+    } else {
+        Err(LedgerError::AlreadyResolved { id, state: r.state })
+    }
+}
+
+// PostgreSQL: the whole commit in one statement. The reservation's row lock is taken first, then
+// the account's; no other path locks an existing reservation while holding its account.
+const COMMIT_PG: &str = "WITH r AS (UPDATE reservations SET state = 'committed', resolved_at_ms = $2 \
+    WHERE id = $1 AND state = 'held' RETURNING *), \
+    a AS (UPDATE accounts SET held = accounts.held - r.amount, committed = accounts.committed + r.amount, \
+    journal_seq = accounts.journal_seq + 1 FROM r WHERE accounts.id = r.account_id \
+    RETURNING accounts.id, accounts.journal_seq, accounts.held, \
+    accounts.granted - accounts.held - accounts.committed - accounts.expired AS available), \
+    j AS (INSERT INTO journal (account_id, seq, at_ms, entry, amount, reservation_id, action, list_price, reference, \
+    available_after, held_after) SELECT a.id, a.journal_seq, $2, 'commit', r.amount, r.id, r.action, r.list_price, \
+    r.idempotency_key, a.available, a.held FROM a, r) \
+    SELECT * FROM r";
+
+/// The PostgreSQL commit statement on any connection: in a caller's transaction, or on its own
+/// (it is atomic by itself). `None` when the reservation was not held.
+pub(crate) async fn commit_pg(
+    conn: &mut sqlx::PgConnection,
+    now: Timestamp,
+    id: ReservationId,
+) -> Result<Option<Reservation>> {
+    let row: Option<ReservationRow> = sqlx::query_as(COMMIT_PG)
+        .bind(id.0)
+        .bind(now.millis())
+        .fetch_optional(conn)
+        .await?;
+    row.map(ReservationRow::into_reservation).transpose()
 }
 
 /// held -> committed. Committing again is a no-op; committing a released reservation is an error.
 pub async fn commit(tx: &mut Tx, ctx: &Ctx<'_>, id: ReservationId) -> Result<Reservation> {
-    let (mut acct, mut r) = lock_reservation(tx, id).await?;
-    match r.state {
-        ReservationState::Committed => Ok(r),
-        ReservationState::Released => Err(LedgerError::AlreadyResolved { id, state: r.state }),
-        ReservationState::Held => {
-            set_state(tx, &mut r, ReservationState::Committed, ctx.now).await?;
-            acct.committed(&r)?;
-            save(tx, &mut acct, ctx.now).await?;
-            Ok(r)
-        }
+    if let Tx::Postgres(c) = tx {
+        return match commit_pg(c, ctx.now, id).await? {
+            Some(r) => Ok(r),
+            None => unresolved(tx, id, ReservationState::Committed).await,
+        };
     }
+    let Some(r) = resolve_row(tx, id, ReservationState::Committed, ctx.now).await? else {
+        return unresolved(tx, id, ReservationState::Committed).await;
+    };
+    let mut acct = lock(tx, r.account_id).await?;
+    acct.committed(&r)?;
+    save(tx, &mut acct, ctx.now).await?;
+    Ok(r)
 }
 
 /// held -> released: the credits go back to the grants they came from, in reverse order; what
 /// goes back to a grant that has expired meanwhile expires at once.
 pub async fn release(tx: &mut Tx, ctx: &Ctx<'_>, id: ReservationId) -> Result<Reservation> {
-    let (mut acct, mut r) = lock_reservation(tx, id).await?;
-    match r.state {
-        ReservationState::Released => return Ok(r),
-        ReservationState::Committed => {
-            return Err(LedgerError::AlreadyResolved { id, state: r.state });
-        }
-        ReservationState::Held => {}
-    }
+    let Some(r) = resolve_row(tx, id, ReservationState::Released, ctx.now).await? else {
+        return unresolved(tx, id, ReservationState::Released).await;
+    };
+    let mut acct = lock(tx, r.account_id).await?;
     let parts: Vec<PartRow> = on_tx!(tx, c => sqlx::query_as(
         "SELECT p.grant_id, p.amount, g.expires_at_ms FROM reservation_parts p JOIN grants g ON g.id = p.grant_id \
          WHERE p.reservation_id = $1 ORDER BY p.seq DESC",
@@ -906,7 +1119,6 @@ pub async fn release(tx: &mut Tx, ctx: &Ctx<'_>, id: ReservationId) -> Result<Re
     .bind(id.0)
     .fetch_all(&mut **c)
     .await?);
-    set_state(tx, &mut r, ReservationState::Released, ctx.now).await?;
     acct.released(&r)?;
     for p in parts {
         let (grant, amount) = (GrantId(p.grant_id), credits(p.amount, "part amount")?);

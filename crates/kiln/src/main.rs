@@ -226,21 +226,38 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             if out.json {
                 out.print(&q);
             } else {
-                println!("{action}: {} credits (list price {}), {} available", q.cost, q.list_price, q.available);
+                println!(
+                    "{action}: {} credits (list price {}), {} available",
+                    q.cost, q.list_price, q.available
+                );
                 if q.affordable {
                     println!("affordable");
                 } else {
-                    println!("short by {}: top up with `kiln topup {account} --pack ...`", q.shortfall);
+                    println!(
+                        "short by {}: top up with `kiln topup {account} --pack ...`",
+                        q.shortfall
+                    );
                 }
             }
         }
-        Command::Charge { account, action, idempotency_key } => {
+        Command::Charge {
+            account,
+            action,
+            idempotency_key,
+        } => {
             let r = ledger.charge(account, action, &idempotency_key).await?;
             if out.json {
                 out.print(&r);
             } else {
-                let exempt = if r.exempt { format!(" (exempt; list price {})", r.list_price) } else { String::new() };
-                println!("charged  {} credits for {action}{exempt}, reservation {}", r.amount, r.id);
+                let exempt = if r.exempt {
+                    format!(" (exempt; list price {})", r.list_price)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "charged  {} credits for {action}{exempt}, reservation {}",
+                    r.amount, r.id
+                );
                 print_balance(&ledger.balance(account).await?);
             }
         }
@@ -350,13 +367,20 @@ fn print_journal(page: &JournalPage) {
 }
 
 async fn demo(ledger: &Ledger) -> anyhow::Result<()> {
-    let new = NewAccount { plan: PlanId::Discover, is_admin: false, email: Some("demo@kiln.local".into()), monthly_allowance: None };
+    let new = NewAccount {
+        plan: PlanId::Discover,
+        is_admin: false,
+        email: Some("demo@kiln.local".into()),
+        monthly_allowance: None,
+    };
     let id = ledger.create_account(new).await?.account.id;
     println!("== a Discover account {id} opens with its welcome credits");
     print_balance(&ledger.balance(id).await?);
     let before = ledger.balance(id).await?.available;
 
-    println!("\n== two Cara messages, charged on send (the second send is a retry: same key, one charge)");
+    println!(
+        "\n== two Cara messages, charged on send (the second send is a retry: same key, one charge)"
+    );
     for key in ["msg-1", "msg-2", "msg-2"] {
         let r = ledger.charge(id, Action::TextMessage, key).await?;
         println!("charge {key}: {} credits, reservation {}", r.amount, r.id);
@@ -364,7 +388,10 @@ async fn demo(ledger: &Ledger) -> anyhow::Result<()> {
 
     println!("\n== a Caratzon kit is quoted, its credits held, and released as a failed job would");
     let q = ledger.quote(id, Action::CaratzonKit).await?;
-    println!("quote: {} credits, {} available, affordable: {}", q.cost, q.available, q.affordable);
+    println!(
+        "quote: {} credits, {} available, affordable: {}",
+        q.cost, q.available, q.affordable
+    );
     let r = ledger.reserve(id, Action::CaratzonKit, "kit-1").await?;
     println!("held {} credits (reservation {})", r.amount, r.id);
     print_balance(&ledger.balance(id).await?);
@@ -382,7 +409,10 @@ async fn demo(ledger: &Ledger) -> anyhow::Result<()> {
     println!("\n== the journal");
     print_journal(&ledger.journal(id, None, 50).await?);
     let breaches = ledger.audit_account(id).await?;
-    anyhow::ensure!(breaches.is_empty(), "ledger invariants broken: {breaches:?}");
+    anyhow::ensure!(
+        breaches.is_empty(),
+        "ledger invariants broken: {breaches:?}"
+    );
     println!("\naudit: every invariant holds. Kits themselves join this demo with the kit worker.");
     Ok(())
 }
