@@ -384,23 +384,25 @@ impl Locked {
         Ok(())
     }
 
-    fn committed(&mut self, r: &Reservation) -> Result<()> {
+    /// A reservation stops being held (committed or released).
+    fn unhold(&mut self, r: &Reservation) -> Result<()> {
         self.totals.held = self
             .totals
             .held
             .checked_sub(r.amount)
             .ok_or_else(|| corrupt_sub("held"))?;
+        Ok(())
+    }
+
+    fn committed(&mut self, r: &Reservation) -> Result<()> {
+        self.unhold(r)?;
         self.totals.committed = self.totals.committed.checked_add(r.amount)?;
         self.record(NewEntry::for_reservation(EntryType::Commit, r));
         Ok(())
     }
 
     fn released(&mut self, r: &Reservation) -> Result<()> {
-        self.totals.held = self
-            .totals
-            .held
-            .checked_sub(r.amount)
-            .ok_or_else(|| corrupt_sub("held"))?;
+        self.unhold(r)?;
         self.record(NewEntry::for_reservation(EntryType::Release, r));
         Ok(())
     }
