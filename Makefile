@@ -20,9 +20,11 @@ test: services build
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
 
-## PostgreSQL on 127.0.0.1:5432 (started, or installed with apt-get), and stale test databases gone.
+## PostgreSQL on 127.0.0.1:5432 (started, or installed with apt-get), the s3s-fs test server
+## (installed with cargo when missing), and stale test databases gone.
 services:
 	@scripts/ensure-postgres.sh
+	@scripts/ensure-s3s.sh
 	@$(MAKE) -s clean-test-dbs
 
 ## The binaries the end-to-end tests run (cargo test alone builds only test harnesses).

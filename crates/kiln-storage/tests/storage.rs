@@ -1,0 +1,376 @@
+//! One storage suite, run against a real S3-protocol server (s3s-fs, which checks SigV4
+//! signatures) and against the local directory backend.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use kiln_storage::{LocalStore, ObjectKey, S3Config, S3Store, Storage, StorageError};
+
+const ACCESS_KEY: &str = "kiln-test-access";
+const SECRET_KEY: &str = "kiln-test-secret-key-0123456789";
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!(
+            "kiln-{tag}-{}",
+            ulid::Ulid::generate().to_string().to_lowercase()
+        ));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An s3s-fs process serving a temporary directory, killed on drop.
+struct S3Server {
+    child: Child,
+    endpoint: String,
+    _dir: Scratch,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn s3s_fs_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("KILN_S3S_FS") {
+        return PathBuf::from(p);
+    }
+    let home = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo/bin/s3s-fs");
+    let on_path = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| PathBuf::from(d).join("s3s-fs"))
+        .find(|p| p.exists());
+    let bin = on_path.unwrap_or(home);
+    assert!(
+        bin.exists(),
+        "s3s-fs is not installed: run `make test` (scripts/ensure-s3s.sh installs it)"
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl S3Server {
+    fn start() -> S3Server {
+        let dir = Scratch::new("s3s");
+        let port = free_port();
+        let child = Command::new(s3s_fs_binary())
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                ACCESS_KEY,
+            ])
+            .args(["--secret-key", SECRET_KEY])
+            .arg(&dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs did not listen on {port} within 10 s"
+            );
+            std::thread::yield_now();
+        }
+        S3Server {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    fn config(&self, secret: &str) -> S3Config {
+        S3Config {
+            bucket: "kiln-test".into(),
+            endpoint: Some(self.endpoint.clone()),
+            region: "us-east-1".into(),
+            path_style: true,
+            credentials: Some((ACCESS_KEY.into(), secret.into())),
+            max_attempts: 2,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    S3,
+    Local,
+}
+
+/// A store of either kind, and what keeps it alive.
+struct Env {
+    storage: Storage,
+    _server: Option<S3Server>,
+    _dir: Scratch,
+}
+
+async fn env(backend: Backend) -> Env {
+    let dir = Scratch::new("store");
+    match backend {
+        Backend::S3 => {
+            let server = S3Server::start();
+            let store = S3Store::connect(server.config(SECRET_KEY))
+                .await
+                .expect("connect");
+            store.ensure_bucket().await.expect("bucket");
+            Env {
+                storage: Storage::S3(store),
+                _server: Some(server),
+                _dir: dir,
+            }
+        }
+        Backend::Local => {
+            let local = LocalStore::new(
+                dir.0.join("objects"),
+                b"test-signing-secret-123".to_vec(),
+                "http://kiln.test",
+            )
+            .expect("local store");
+            Env {
+                storage: Storage::Local(local),
+                _server: None,
+                _dir: dir,
+            }
+        }
+    }
+}
+
+/// Fetches a signed URL the way a browser would: plain HTTP GET for S3; for the local store the
+/// same check the HTTP API performs.
+async fn fetch_signed(storage: &Storage, url: &str) -> Result<Bytes, String> {
+    match storage {
+        Storage::S3(_) => {
+            let resp = reqwest::get(url).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("HTTP {}", resp.status()));
+            }
+            resp.bytes().await.map_err(|e| e.to_string())
+        }
+        Storage::Local(l) => l
+            .open_signed(url, SystemTime::now())
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+macro_rules! both {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn s3() { super::$name(super::Backend::S3).await }
+            #[tokio::test]
+            async fn local() { super::$name(super::Backend::Local).await }
+        }
+    )+};
+}
+
+both!(
+    put_get_head_delete,
+    twenty_megabytes_round_trip_byte_exact,
+    signed_urls_fetch_then_expire
+);
+
+async fn put_get_head_delete(backend: Backend) {
+    let e = env(backend).await;
+    let key = ObjectKey::kit("01JOBTEST", "photos/main.jpg").expect("key");
+    assert!(matches!(
+        e.storage.get(&key).await,
+        Err(StorageError::NotFound(_))
+    ));
+    assert_eq!(e.storage.head(&key).await.expect("head"), None);
+    e.storage
+        .put(&key, Bytes::from_static(b"first"), "image/jpeg")
+        .await
+        .expect("put");
+    e.storage
+        .put(&key, Bytes::from_static(b"second version"), "image/jpeg")
+        .await
+        .expect("overwrite");
+    assert_eq!(
+        &e.storage.get(&key).await.expect("get")[..],
+        b"second version"
+    );
+    let meta = e.storage.head(&key).await.expect("head").expect("exists");
+    assert_eq!(
+        (meta.size, meta.content_type.as_deref()),
+        (14, Some("image/jpeg"))
+    );
+    e.storage.delete(&key).await.expect("delete");
+    e.storage
+        .delete(&key)
+        .await
+        .expect("deleting twice is fine");
+    assert_eq!(e.storage.head(&key).await.expect("head"), None);
+    e.storage.check().await.expect("ready");
+}
+
+async fn twenty_megabytes_round_trip_byte_exact(backend: Backend) {
+    let seed = fastrand::u64(..);
+    println!("seed {seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let body: Vec<u8> = (0..20 * 1024 * 1024 + 12_345).map(|_| rng.u8(..)).collect();
+    let e = env(backend).await;
+    let key = ObjectKey::kit("01JOBBIG", "lookbook.pdf").expect("key");
+    e.storage
+        .put(&key, Bytes::from(body.clone()), "application/pdf")
+        .await
+        .expect("put 20 MB");
+    let back = e.storage.get(&key).await.expect("get");
+    assert_eq!(back.len(), body.len());
+    assert!(back[..] == body[..], "seed {seed}: bytes differ");
+}
+
+async fn signed_urls_fetch_then_expire(backend: Backend) {
+    let e = env(backend).await;
+    let key = ObjectKey::kit("01JOBSIGN", "copy/seo.json").expect("key");
+    e.storage
+        .put(
+            &key,
+            Bytes::from_static(b"{\"title\":\"ring\"}"),
+            "application/json",
+        )
+        .await
+        .expect("put");
+
+    let url = e
+        .storage
+        .presign_get(&key, SystemTime::now(), Duration::from_secs(300))
+        .await
+        .expect("presign");
+    assert_eq!(
+        &fetch_signed(&e.storage, &url)
+            .await
+            .expect("valid URL fetches")[..],
+        b"{\"title\":\"ring\"}"
+    );
+
+    // Signed an hour ago for one minute: expired, without waiting for a clock.
+    let past = SystemTime::now() - Duration::from_secs(3_600);
+    let old = e
+        .storage
+        .presign_get(&key, past, Duration::from_secs(60))
+        .await
+        .expect("presign");
+    let err = fetch_signed(&e.storage, &old)
+        .await
+        .expect_err("expired URL must fail");
+    assert!(
+        err.contains("expired") || err.contains("403"),
+        "expected an expiry refusal, got {err}"
+    );
+
+    // Pointing a valid signature at another object fails too.
+    let other = ObjectKey::kit("01JOBSIGN", "copy/other.json").expect("key");
+    e.storage
+        .put(&other, Bytes::from_static(b"secret"), "application/json")
+        .await
+        .expect("put");
+    let tampered = url.replace("seo.json", "other.json");
+    assert!(
+        fetch_signed(&e.storage, &tampered).await.is_err(),
+        "tampered URL must fail"
+    );
+}
+
+#[tokio::test]
+async fn s3_wrong_credentials_fail_with_a_clear_error() {
+    let server = S3Server::start();
+    let good = S3Store::connect(server.config(SECRET_KEY))
+        .await
+        .expect("connect");
+    good.ensure_bucket().await.expect("bucket");
+    let bad = Storage::S3(
+        S3Store::connect(server.config("not-the-secret"))
+            .await
+            .expect("connect"),
+    );
+    let key = ObjectKey::kit("01JOBAUTH", "a.txt").expect("key");
+    let err = bad
+        .put(&key, Bytes::from_static(b"x"), "text/plain")
+        .await
+        .expect_err("wrong secret");
+    assert!(matches!(err, StorageError::Auth(_)), "{err:?}");
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("refused the credentials"), "{err}");
+}
+
+#[tokio::test]
+async fn s3_down_is_retryable() {
+    let port = free_port(); // nothing listens here
+    let cfg = S3Config {
+        bucket: "kiln-test".into(),
+        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        region: "us-east-1".into(),
+        path_style: true,
+        credentials: Some((ACCESS_KEY.into(), SECRET_KEY.into())),
+        max_attempts: 1,
+    };
+    let store = Storage::S3(S3Store::connect(cfg).await.expect("connect is lazy"));
+    let key = ObjectKey::kit("01JOBDOWN", "a.txt").expect("key");
+    let err = store
+        .put(&key, Bytes::from_static(b"x"), "text/plain")
+        .await
+        .expect_err("nobody listens");
+    assert!(err.is_retryable(), "{err:?}");
+}
+
+#[tokio::test]
+async fn local_store_refuses_to_escape_and_writes_atomically() {
+    let dir = Scratch::new("local");
+    let store = LocalStore::new(
+        dir.0.join("objects"),
+        b"test-signing-secret-123".to_vec(),
+        "http://kiln.test",
+    )
+    .expect("store");
+    assert!(ObjectKey::parse("kits/../../etc/passwd").is_err());
+    assert!(ObjectKey::kit("job", "../x").is_err());
+    let key = ObjectKey::kit("01JOB", "a/b/c.json").expect("key");
+    store
+        .put(&key, Bytes::from_static(b"{}"), "application/json")
+        .await
+        .expect("put");
+    // Nothing is left in the temporary area after a completed write.
+    let leftovers = std::fs::read_dir(dir.0.join("objects/.tmp"))
+        .expect("tmp dir")
+        .count();
+    assert_eq!(leftovers, 0);
+    assert!(store.path_of(&key).expect("path").starts_with(store.root()));
+    // A bad signature and a short secret are refused.
+    let url = store
+        .presign_get(&key, SystemTime::now(), Duration::from_secs(60))
+        .expect("presign");
+    let flipped = if url.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{}{flipped}", &url[..url.len() - 1]);
+    assert!(matches!(
+        store.open_signed(&forged, SystemTime::now()).await,
+        Err(StorageError::BadSignature)
+    ));
+    assert!(LocalStore::new(dir.0.join("x"), b"short".to_vec(), "http://kiln.test").is_err());
+}
