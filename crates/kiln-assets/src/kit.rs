@@ -1,0 +1,318 @@
+//! Assembling a kit: which assets each kit holds, in which order they are made, and the
+//! manifest that lists them (written last by the worker).
+
+use image::RgbImage;
+use kiln_core::{Kit, ProductSpec};
+use serde::Serialize;
+
+use crate::photo::{self, MASTER_FILL, MASTER_SIDE};
+use crate::{AssetError, Limits, Quality, copy, encode_jpeg, quality, sha256_hex};
+
+/// What an asset is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    MainImage,
+    ShadowImage,
+    DetailImage,
+    WebImage,
+    SpecSheet,
+    SeoCopy,
+}
+
+/// One generated file: its path inside the kit, bytes and metadata.
+#[derive(Clone, Debug)]
+pub struct Asset {
+    pub path: String,
+    pub role: Role,
+    pub content_type: &'static str,
+    pub bytes: Vec<u8>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub alt: Option<String>,
+    pub quality: Option<Quality>,
+}
+
+/// Progress through a kit, reported before each step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub name: &'static str,
+    pub done: u32,
+    pub total: u32,
+}
+
+fn image_asset(
+    path: &str,
+    role: Role,
+    img: &RgbImage,
+    q: u8,
+    alt: String,
+    main: bool,
+) -> Result<Asset, AssetError> {
+    Ok(Asset {
+        path: path.to_owned(),
+        role,
+        content_type: "image/jpeg",
+        bytes: encode_jpeg(img, q)?,
+        width: Some(img.width()),
+        height: Some(img.height()),
+        alt: Some(alt),
+        quality: Some(quality::judge(img, main)),
+    })
+}
+
+fn json_asset<T: Serialize>(path: &str, role: Role, value: &T) -> Result<Asset, AssetError> {
+    let bytes =
+        serde_json::to_vec_pretty(value).map_err(|e| AssetError::Render(format!("JSON: {e}")))?;
+    Ok(Asset {
+        path: path.to_owned(),
+        role,
+        content_type: "application/json",
+        bytes,
+        width: None,
+        height: None,
+        alt: None,
+        quality: None,
+    })
+}
+
+/// Makes every asset of `kit` from the upload and its spec. `progress` is called before each
+/// step. Deterministic: the same input gives byte-identical assets.
+pub fn generate(
+    upload: &[u8],
+    spec: &ProductSpec,
+    kit: Kit,
+    progress: &mut dyn FnMut(Step),
+) -> Result<Vec<Asset>, AssetError> {
+    let steps: &[&'static str] = match kit {
+        Kit::Essentials | Kit::Caratzon => &[
+            "decode",
+            "cut out",
+            "main image",
+            "alternates",
+            "spec sheet",
+            "copy",
+        ],
+    };
+    let total = u32::try_from(steps.len()).unwrap_or(u32::MAX);
+    let mut step = 0u32;
+    let mut next = |progress: &mut dyn FnMut(Step)| {
+        progress(Step {
+            name: steps[step as usize],
+            done: step,
+            total,
+        });
+        step += 1;
+    };
+
+    next(progress);
+    let (_, img) = crate::decode(upload, &Limits::default())?;
+    next(progress);
+    let cut = photo::cut_out(&img)?;
+    let mut warnings = Vec::new();
+    if !cut.background.is_uniform() {
+        warnings.push(format!(
+            "background not uniform (spread {:.1}): check the cut-out's edges",
+            cut.background.spread
+        ));
+    }
+    if !cut.background.is_light() {
+        warnings.push(
+            "background is dark: photograph on a plain light backdrop for the cleanest cut-out"
+                .to_owned(),
+        );
+    }
+    if cut.touches_edge() {
+        warnings.push("the product touches the edge of the upload and may be cropped".to_owned());
+    }
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let needed = (MASTER_SIDE as f32 * MASTER_FILL) as u32;
+    if cut.bounds.long_side() < needed {
+        warnings.push(format!(
+            "the product is {} px long in the upload and is enlarged to {needed} px; a sharper upload gives a sharper main image",
+            cut.bounds.long_side()
+        ));
+    }
+
+    next(progress);
+    let mut assets = Vec::new();
+    let (master, _) = photo::place_on_white(&cut, MASTER_SIDE, MASTER_FILL, 0.0)?;
+    let mut main = image_asset(
+        "photos/main.jpg",
+        Role::MainImage,
+        &master,
+        92,
+        copy::alt_text(spec, "on a white background"),
+        true,
+    )?;
+    if let Some(q) = main.quality.as_mut() {
+        q.warnings.extend(warnings);
+    }
+    assets.push(main);
+
+    next(progress);
+    let shadowed = photo::with_shadow(&cut, MASTER_SIDE)?;
+    assets.push(image_asset(
+        "photos/shadow.jpg",
+        Role::ShadowImage,
+        &shadowed,
+        90,
+        copy::alt_text(spec, "with a soft shadow on white"),
+        false,
+    )?);
+    let detail = photo::detail_crop(&cut, 1600)?;
+    assets.push(image_asset(
+        "photos/detail.jpg",
+        Role::DetailImage,
+        &detail,
+        90,
+        copy::alt_text(spec, "close-up detail"),
+        false,
+    )?);
+    for side in [1000, 600] {
+        let web = photo::resize_rgb(&master, side, side)?;
+        let path = format!("photos/web-{side}.jpg");
+        assets.push(image_asset(
+            &path,
+            Role::WebImage,
+            &web,
+            85,
+            copy::alt_text(spec, "on a white background"),
+            true,
+        )?);
+    }
+
+    next(progress);
+    assets.push(json_asset(
+        "spec/spec-sheet.json",
+        Role::SpecSheet,
+        &SpecSheet::new(spec),
+    )?);
+
+    next(progress);
+    let copy = copy::write(spec);
+    let alts: Vec<AltText> = assets
+        .iter()
+        .filter_map(|a| {
+            a.alt.clone().map(|alt| AltText {
+                path: a.path.clone(),
+                alt,
+            })
+        })
+        .collect();
+    assets.push(json_asset(
+        "copy/seo.json",
+        Role::SeoCopy,
+        &SeoDocument {
+            copy: &copy,
+            alt_text: &alts,
+        },
+    )?);
+    let mut md = copy.markdown();
+    md.push_str("\n## Alt text\n\n");
+    for a in &alts {
+        md.push_str(&format!("- `{}`: {}\n", a.path, a.alt));
+    }
+    assets.push(Asset {
+        path: "copy/seo.md".into(),
+        role: Role::SeoCopy,
+        content_type: "text/markdown; charset=utf-8",
+        bytes: md.into_bytes(),
+        width: None,
+        height: None,
+        alt: None,
+        quality: None,
+    });
+    Ok(assets)
+}
+
+#[derive(Serialize)]
+struct AltText {
+    path: String,
+    alt: String,
+}
+
+#[derive(Serialize)]
+struct SeoDocument<'a> {
+    #[serde(flatten)]
+    copy: &'a copy::Copy,
+    alt_text: &'a [AltText],
+}
+
+/// The spec sheet: the spec as given plus the phrases the line sheet prints.
+#[derive(Serialize)]
+struct SpecSheet<'a> {
+    spec: &'a ProductSpec,
+    materials: String,
+    stones: String,
+    wholesale_price: Option<String>,
+    msrp: Option<String>,
+}
+
+impl<'a> SpecSheet<'a> {
+    fn new(spec: &'a ProductSpec) -> Self {
+        SpecSheet {
+            spec,
+            materials: copy::metal_phrase(spec),
+            stones: copy::stone_phrase(spec),
+            wholesale_price: spec.wholesale_price.as_ref().map(kiln_core::Money::display),
+            msrp: spec.msrp.as_ref().map(kiln_core::Money::display),
+        }
+    }
+}
+
+/// One line of `manifest.json`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ManifestEntry {
+    pub key: String,
+    pub role: Role,
+    pub content_type: String,
+    pub bytes: u64,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub sha256: String,
+    pub alt: Option<String>,
+    pub quality: Option<Quality>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Manifest {
+    pub job: String,
+    pub kit: Kit,
+    pub generator: &'static str,
+    pub assets: Vec<ManifestEntry>,
+}
+
+impl Manifest {
+    /// Lists `assets` under `kits/<job>/`.
+    pub fn new(job: &str, kit: Kit, assets: &[Asset]) -> Manifest {
+        let entries = assets
+            .iter()
+            .map(|a| ManifestEntry {
+                key: format!("kits/{}/{}", job.to_lowercase(), a.path),
+                role: a.role,
+                content_type: a.content_type.to_owned(),
+                bytes: a.bytes.len() as u64,
+                width: a.width,
+                height: a.height,
+                sha256: sha256_hex(&a.bytes),
+                alt: a.alt.clone(),
+                quality: a.quality.clone(),
+            })
+            .collect();
+        Manifest {
+            job: job.to_owned(),
+            kit,
+            generator: "kiln-studio/1",
+            assets: entries,
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+}

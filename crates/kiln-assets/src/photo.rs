@@ -1,0 +1,332 @@
+//! Catalog photography from an upload: estimate the background from the image border, cut the
+//! product out with a soft-edged mask, trim it, and place it on pure white at a fixed share of
+//! the frame. Everything is integer arithmetic or deterministic resampling: the same upload
+//! always gives the same pixels.
+
+use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
+use image::{Rgb, RgbImage, Rgba, RgbaImage};
+
+use crate::AssetError;
+
+/// The master image's side and the share of it the product's long side fills.
+pub const MASTER_SIDE: u32 = 2000;
+pub const MASTER_FILL: f32 = 0.86;
+
+/// What the border of the upload says about its background.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Background {
+    pub color: [u8; 3],
+    /// Mean absolute deviation of border pixels from `color`, in 0..=255 units.
+    pub spread: f32,
+}
+
+impl Background {
+    /// A plain studio background: even enough that the cut-out will be clean.
+    pub fn is_uniform(&self) -> bool {
+        self.spread < 6.0
+    }
+
+    pub fn is_light(&self) -> bool {
+        let [r, g, b] = self.color.map(u32::from);
+        (299 * r + 587 * g + 114 * b) / 1000 >= 150
+    }
+}
+
+/// Samples a band around the border (at most ~40k pixels) and takes the per-channel median.
+pub fn estimate_background(img: &RgbaImage) -> Background {
+    let (w, h) = img.dimensions();
+    let band = (w.min(h) / 50).max(2);
+    let perimeter = 2 * u64::from(w + h) * u64::from(band);
+    let step = usize::try_from(perimeter / 40_000 + 1).unwrap_or(1);
+    let mut samples: Vec<[u8; 3]> = Vec::new();
+    let mut i = 0usize;
+    for y in 0..h {
+        let edge_row = y < band || y >= h - band;
+        let xs: Box<dyn Iterator<Item = u32>> = if edge_row {
+            Box::new(0..w)
+        } else {
+            Box::new((0..band).chain(w - band..w))
+        };
+        for x in xs {
+            if i.is_multiple_of(step) {
+                let p = img.get_pixel(x, y).0;
+                samples.push([p[0], p[1], p[2]]);
+            }
+            i += 1;
+        }
+    }
+    let median = |c: usize| {
+        let mut v: Vec<u8> = samples.iter().map(|s| s[c]).collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(255)
+    };
+    let color = [median(0), median(1), median(2)];
+    let total: u64 = samples.iter().map(|s| u64::from(distance(*s, color))).sum();
+    #[allow(clippy::cast_precision_loss)]
+    let spread = if samples.is_empty() {
+        0.0
+    } else {
+        total as f32 / samples.len() as f32
+    };
+    Background { color, spread }
+}
+
+/// Largest per-channel difference: cheap and insensitive to hue shifts of a grey backdrop.
+fn distance(p: [u8; 3], q: [u8; 3]) -> u8 {
+    (0..3).map(|c| p[c].abs_diff(q[c])).max().unwrap_or(0)
+}
+
+/// Pixel bounds of the product: `x0..x1`, `y0..y1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub x0: u32,
+    pub y0: u32,
+    pub x1: u32,
+    pub y1: u32,
+}
+
+impl Bounds {
+    pub fn width(&self) -> u32 {
+        self.x1 - self.x0
+    }
+
+    pub fn height(&self) -> u32 {
+        self.y1 - self.y0
+    }
+
+    pub fn long_side(&self) -> u32 {
+        self.width().max(self.height())
+    }
+}
+
+/// The product cut out of its upload: RGBA with a soft alpha, trimmed to its bounds.
+#[derive(Clone, Debug)]
+pub struct Cutout {
+    pub image: RgbaImage,
+    pub background: Background,
+    /// Where the product sat in the upload.
+    pub bounds: Bounds,
+    pub upload_size: (u32, u32),
+}
+
+impl Cutout {
+    /// The product reaches the edge of the upload: it may have been cropped when photographed.
+    pub fn touches_edge(&self) -> bool {
+        let (w, h) = self.upload_size;
+        self.bounds.x0 == 0 || self.bounds.y0 == 0 || self.bounds.x1 == w || self.bounds.y1 == h
+    }
+}
+
+/// Cuts the product out: alpha ramps from 0 (background colour) to 255 over a band of colour
+/// distance that widens with the background's own noise.
+pub fn cut_out(img: &RgbaImage) -> Result<Cutout, AssetError> {
+    let bg = estimate_background(img);
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let t0 = (bg.spread * 3.0).clamp(10.0, 60.0) as u32;
+    let t1 = t0 + 28;
+    let (w, h) = img.dimensions();
+    let mut alpha = vec![0u8; (w as usize) * (h as usize)];
+    let (mut rows, mut cols) = (vec![0u32; h as usize], vec![0u32; w as usize]);
+    for (x, y, p) in img.enumerate_pixels() {
+        let d = u32::from(distance([p[0], p[1], p[2]], bg.color));
+        let mut a = if d <= t0 {
+            0
+        } else if d >= t1 {
+            255
+        } else {
+            (d - t0) * 255 / (t1 - t0)
+        };
+        a = a * u32::from(p[3]) / 255;
+        alpha[(y as usize) * (w as usize) + x as usize] = u8::try_from(a).unwrap_or(255);
+        if a >= 128 {
+            rows[y as usize] += 1;
+            cols[x as usize] += 1;
+        }
+    }
+    // Ignore specks: a row or column belongs to the product only with a few solid pixels in it.
+    let span = |counts: &[u32], len: u32| -> Option<(u32, u32)> {
+        let min = (len / 400).max(2);
+        let first = counts.iter().position(|&c| c >= min)?;
+        let last = counts.iter().rposition(|&c| c >= min)?;
+        Some((u32::try_from(first).ok()?, u32::try_from(last).ok()? + 1))
+    };
+    let (Some((x0, x1)), Some((y0, y1))) = (span(&cols, h), span(&rows, w)) else {
+        return Err(AssetError::NoProduct(
+            "no product found: the design matches its background or the image is blank".into(),
+        ));
+    };
+    let bounds = Bounds { x0, y0, x1, y1 };
+    if bounds.long_side() < 16 {
+        return Err(AssetError::NoProduct(
+            "the product is only a few pixels in size".into(),
+        ));
+    }
+    let image = RgbaImage::from_fn(bounds.width(), bounds.height(), |x, y| {
+        let (sx, sy) = (x + x0, y + y0);
+        let p = img.get_pixel(sx, sy);
+        Rgba([
+            p[0],
+            p[1],
+            p[2],
+            alpha[(sy as usize) * (w as usize) + sx as usize],
+        ])
+    });
+    Ok(Cutout {
+        image,
+        background: bg,
+        bounds,
+        upload_size: (w, h),
+    })
+}
+
+/// Lanczos3 resampling with alpha handled (premultiplied) so edges do not pick up the
+/// background's colour.
+pub fn resize_rgba(src: &RgbaImage, width: u32, height: u32) -> Result<RgbaImage, AssetError> {
+    let mut dst = RgbaImage::new(width.max(1), height.max(1));
+    let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
+    Resizer::new()
+        .resize(src, &mut dst, &opts)
+        .map_err(|e| AssetError::Render(format!("resize: {e}")))?;
+    Ok(dst)
+}
+
+pub fn resize_rgb(src: &RgbImage, width: u32, height: u32) -> Result<RgbImage, AssetError> {
+    let mut dst = RgbImage::new(width.max(1), height.max(1));
+    let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
+    Resizer::new()
+        .resize(src, &mut dst, &opts)
+        .map_err(|e| AssetError::Render(format!("resize: {e}")))?;
+    Ok(dst)
+}
+
+/// `src` over `dst` at (`left`, `top`), straight alpha, rounded.
+pub fn composite(dst: &mut RgbImage, src: &RgbaImage, left: i64, top: i64) {
+    for (x, y, p) in src.enumerate_pixels() {
+        let (dx, dy) = (left + i64::from(x), top + i64::from(y));
+        let (Ok(dx), Ok(dy)) = (u32::try_from(dx), u32::try_from(dy)) else {
+            continue;
+        };
+        if dx >= dst.width() || dy >= dst.height() || p[3] == 0 {
+            continue;
+        }
+        let a = u32::from(p[3]);
+        let q = dst.get_pixel_mut(dx, dy);
+        for c in 0..3 {
+            let v = (u32::from(p[c]) * a + u32::from(q[c]) * (255 - a) + 127) / 255;
+            q[c] = u8::try_from(v).unwrap_or(255);
+        }
+    }
+}
+
+/// The product resized and positioned in a `side`-pixel square.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub product: RgbaImage,
+    pub left: i64,
+    pub top: i64,
+    pub bounds: Bounds,
+}
+
+/// Scales the product so its long side is `fill` of a `side`-pixel square and centres it;
+/// `lift` moves it up by that share of the frame (to leave room for a shadow).
+pub fn placement(cut: &Cutout, side: u32, fill: f32, lift: f32) -> Result<Placement, AssetError> {
+    let (bw, bh) = (cut.image.width(), cut.image.height());
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let target = (side as f32 * fill).round() as u32;
+    let long = bw.max(bh);
+    let scale = |v: u32| (u64::from(v) * u64::from(target) / u64::from(long)).max(1);
+    let (w, h) = (
+        u32::try_from(scale(bw)).unwrap_or(target),
+        u32::try_from(scale(bh)).unwrap_or(target),
+    );
+    let product = resize_rgba(&cut.image, w, h)?;
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+    let shift = (side as f32 * lift).round() as i64;
+    let left = i64::from((side - w) / 2);
+    let top = (i64::from((side - h) / 2) - shift).max(0);
+    let y0 = u32::try_from(top).unwrap_or(0);
+    let x0 = (side - w) / 2;
+    Ok(Placement {
+        product,
+        left,
+        top,
+        bounds: Bounds {
+            x0,
+            y0,
+            x1: x0 + w,
+            y1: y0 + h,
+        },
+    })
+}
+
+/// The product placed (see `placement`) on pure white.
+pub fn place_on_white(
+    cut: &Cutout,
+    side: u32,
+    fill: f32,
+    lift: f32,
+) -> Result<(RgbImage, Bounds), AssetError> {
+    let p = placement(cut, side, fill, lift)?;
+    let mut canvas = RgbImage::from_pixel(side, side, Rgb([255, 255, 255]));
+    composite(&mut canvas, &p.product, p.left, p.top);
+    Ok((canvas, p.bounds))
+}
+
+/// The product on white over a soft contact shadow.
+pub fn with_shadow(cut: &Cutout, side: u32) -> Result<RgbImage, AssetError> {
+    let p = placement(cut, side, 0.80, 0.03)?;
+    let mut canvas = RgbImage::from_pixel(side, side, Rgb([255, 255, 255]));
+    contact_shadow(&mut canvas, p.bounds, 0.35);
+    composite(&mut canvas, &p.product, p.left, p.top);
+    Ok(canvas)
+}
+
+/// A soft elliptical contact shadow under `under`, darkening the canvas by at most `depth`.
+pub fn contact_shadow(canvas: &mut RgbImage, under: Bounds, depth: f32) {
+    #[allow(clippy::cast_precision_loss)]
+    let (cx, cy) = ((under.x0 + under.x1) as f32 / 2.0, under.y1 as f32);
+    #[allow(clippy::cast_precision_loss)]
+    let (rx, ry) = (
+        under.width() as f32 * 0.46,
+        (under.height() as f32 * 0.07).max(6.0),
+    );
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let (x0, x1) = (
+        (cx - rx * 1.6).max(0.0) as u32,
+        ((cx + rx * 1.6) as u32).min(canvas.width()),
+    );
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let (y0, y1) = (
+        (cy - ry * 2.0).max(0.0) as u32,
+        ((cy + ry * 2.5) as u32).min(canvas.height()),
+    );
+    for y in y0..y1 {
+        for x in x0..x1 {
+            #[allow(clippy::cast_precision_loss)]
+            let (dx, dy) = ((x as f32 - cx) / rx, (y as f32 - cy) / ry);
+            let k = (-(dx * dx + dy * dy) * 1.6).exp() * depth;
+            let p = canvas.get_pixel_mut(x, y);
+            for c in 0..3 {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let v = (f32::from(p[c]) * (1.0 - k)).round() as u8;
+                p[c] = v;
+            }
+        }
+    }
+}
+
+/// A square close-up of the product's top centre (where a ring's stone or a pendant's setting
+/// sits), on white, `side` pixels: the square starts just above the product's top edge.
+pub fn detail_crop(cut: &Cutout, side: u32) -> Result<RgbImage, AssetError> {
+    let (bw, bh) = (cut.image.width(), cut.image.height());
+    let s = (bw.max(bh) * 45 / 100).max(1);
+    let left = i64::from(bw / 2) - i64::from(s / 2);
+    let top = -i64::from(s * 6 / 100);
+    let mut square = RgbImage::from_pixel(s, s, Rgb([255, 255, 255]));
+    composite(&mut square, &cut.image, -left, -top);
+    resize_rgb(&square, side, side)
+}

@@ -1,0 +1,225 @@
+//! Catalog photography judged by pixels and bytes: exact white corners, the product's share of
+//! the frame, exact sizes, decodable JPEGs, determinism, and typed errors for bad uploads.
+
+use std::io::Cursor;
+
+use image::{ImageFormat, Rgb, RgbImage};
+use kiln_assets::{AssetError, Limits, Role, generate, quality, sample};
+use kiln_core::{Kit, ProductSpec};
+
+fn jpeg(img: &RgbImage) -> Vec<u8> {
+    kiln_assets::encode_jpeg(img, 95).expect("encode")
+}
+
+fn png(img: &RgbImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+        .expect("png");
+    out
+}
+
+fn spec() -> ProductSpec {
+    ProductSpec::from_json(sample::SPEC_JSON.as_bytes()).expect("sample spec")
+}
+
+fn decode_rgb(bytes: &[u8]) -> RgbImage {
+    image::load_from_memory(bytes)
+        .expect("a valid image")
+        .to_rgb8()
+}
+
+#[test]
+fn essentials_photos_meet_the_marketplace_rules() {
+    let upload = jpeg(&sample::ring(1400));
+    let mut steps = Vec::new();
+    let assets = generate(&upload, &spec(), Kit::Essentials, &mut |s| steps.push(s)).expect("kit");
+    assert_eq!(steps.first().map(|s| s.done), Some(0));
+    assert!(
+        steps.windows(2).all(|w| w[1].done == w[0].done + 1),
+        "progress moves one step at a time"
+    );
+
+    let main = assets
+        .iter()
+        .find(|a| a.role == Role::MainImage)
+        .expect("main image");
+    assert_eq!(main.path, "photos/main.jpg");
+    let img = decode_rgb(&main.bytes);
+    assert_eq!(img.dimensions(), (2000, 2000));
+    for (x, y) in [(0, 0), (1999, 0), (0, 1999), (1999, 1999)] {
+        assert_eq!(
+            img.get_pixel(x, y).0,
+            [255, 255, 255],
+            "corner ({x},{y}) must be pure white"
+        );
+    }
+    let (x0, y0, x1, y1) = quality::product_box(&img).expect("a product");
+    let fill = f64::from((x1 - x0).max(y1 - y0)) / 2000.0;
+    assert!(
+        (0.80..=0.90).contains(&fill),
+        "product fills {fill:.3} of the long side"
+    );
+    // Centred: equal margins left and right within a few pixels.
+    assert!(
+        (i64::from(x0) - i64::from(2000 - x1)).abs() <= 4,
+        "x0 {x0} x1 {x1}"
+    );
+    let q = main.quality.as_ref().expect("quality report");
+    assert!(
+        q.white_background && q.meets.contains(&"amazon_main") && q.meets.contains(&"zoom"),
+        "{q:?}"
+    );
+
+    let sizes: Vec<(&str, (u32, u32))> = assets
+        .iter()
+        .filter(|a| a.content_type == "image/jpeg")
+        .map(|a| (a.path.as_str(), decode_rgb(&a.bytes).dimensions()))
+        .collect();
+    assert_eq!(
+        sizes,
+        vec![
+            ("photos/main.jpg", (2000, 2000)),
+            ("photos/shadow.jpg", (2000, 2000)),
+            ("photos/detail.jpg", (1600, 1600)),
+            ("photos/web-1000.jpg", (1000, 1000)),
+            ("photos/web-600.jpg", (600, 600)),
+        ]
+    );
+    // The shadow variant really has a shadow: darker pixels below the product than at the sides.
+    let shadow = decode_rgb(&assets[1].bytes);
+    let (_, _, _, sy1) = quality::product_box(&shadow).expect("product");
+    assert!(
+        sy1 > y1 - 100,
+        "the shadow extends the visible object downwards"
+    );
+    for a in &assets {
+        if let Some(alt) = &a.alt {
+            assert!(
+                alt.chars().count() <= 125 && !alt.to_lowercase().contains("image of"),
+                "{alt}"
+            );
+        }
+    }
+}
+
+#[test]
+fn same_input_same_bytes() {
+    let upload = png(&sample::ring(900));
+    let a = generate(&upload, &spec(), Kit::Essentials, &mut |_| {}).expect("kit");
+    let b = generate(&upload, &spec(), Kit::Essentials, &mut |_| {}).expect("kit");
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(
+            (x.path.as_str(), &x.bytes),
+            (y.path.as_str(), &y.bytes),
+            "{} differs between runs",
+            x.path
+        );
+    }
+    let manifest = kiln_assets::Manifest::new("01JTESTJOB", Kit::Essentials, &a);
+    assert!(
+        manifest
+            .assets
+            .iter()
+            .all(|e| e.key.starts_with("kits/01jtestjob/") && e.sha256.len() == 64)
+    );
+    assert_eq!(manifest.assets.len(), a.len());
+}
+
+#[test]
+fn a_busy_background_is_flagged() {
+    // The sample on a noisy, uneven backdrop: still cut out, but the report warns.
+    let mut img = sample::ring(1000);
+    let mut rng = fastrand::Rng::with_seed(7);
+    for p in img.pixels_mut() {
+        if p.0[0] > 200 {
+            let n = rng.u8(..60);
+            *p = Rgb([
+                p.0[0].saturating_sub(n),
+                p.0[1].saturating_sub(n / 2),
+                p.0[2],
+            ]);
+        }
+    }
+    let assets = generate(&jpeg(&img), &spec(), Kit::Essentials, &mut |_| {}).expect("kit");
+    let q = assets[0].quality.as_ref().expect("quality");
+    assert!(
+        q.warnings
+            .iter()
+            .any(|w| w.contains("background not uniform")),
+        "{:?}",
+        q.warnings
+    );
+}
+
+#[test]
+fn bad_uploads_are_typed_errors() {
+    let s = spec();
+    let run = |bytes: &[u8]| {
+        let head: Vec<u8> = bytes.iter().take(16).copied().collect();
+        generate(bytes, &s, Kit::Essentials, &mut |_| {})
+            .map(|_| ())
+            .expect_err(&format!("must fail: {head:?}, {} bytes", bytes.len()))
+    };
+    assert!(matches!(
+        run(b"%PDF-1.7 not an image"),
+        AssetError::Unsupported(_)
+    ));
+    assert!(matches!(run(b""), AssetError::Unsupported(_)));
+    let good = jpeg(&sample::ring(800));
+    assert!(
+        matches!(run(&good[..good.len() / 3]), AssetError::Corrupt(_)),
+        "truncated JPEG"
+    );
+    let mut corrupt = good.clone();
+    for b in corrupt.iter_mut().skip(600).step_by(7) {
+        *b = 0xFF;
+    }
+    let e = run(&corrupt);
+    assert!(
+        matches!(e, AssetError::Corrupt(_) | AssetError::NoProduct(_)),
+        "{e:?}"
+    );
+    assert!(matches!(
+        run(&png(&RgbImage::new(200, 200))),
+        AssetError::TooSmall(_)
+    ));
+    // A blank image has no product.
+    assert!(matches!(
+        run(&png(&RgbImage::from_pixel(800, 800, Rgb([240, 240, 240])))),
+        AssetError::NoProduct(_)
+    ));
+}
+
+#[test]
+fn decompression_bombs_are_refused_before_decoding() {
+    // A PNG that declares 40000x40000 pixels in a few bytes: refused from the header.
+    let img = RgbImage::from_pixel(1, 1, Rgb([0, 0, 0]));
+    let mut bytes = png(&img);
+    // IHDR width/height live at bytes 16..24; patch them and let the CRC be wrong: the size
+    // check must come first.
+    bytes[16..20].copy_from_slice(&40_000u32.to_be_bytes());
+    bytes[20..24].copy_from_slice(&40_000u32.to_be_bytes());
+    let e = kiln_assets::probe(&bytes, &Limits::default());
+    assert!(
+        matches!(
+            e,
+            Err(AssetError::TooLarge(_)) | Err(AssetError::Corrupt(_))
+        ),
+        "{e:?}"
+    );
+    let big = RgbImage::from_pixel(5000, 100, Rgb([255, 255, 255]));
+    let limits = Limits {
+        max_side: 4000,
+        ..Limits::default()
+    };
+    assert!(matches!(
+        kiln_assets::probe(&png(&big), &limits),
+        Err(AssetError::TooLarge(_))
+    ));
+    let huge = vec![0u8; 41 * 1024 * 1024];
+    assert!(matches!(
+        kiln_assets::probe(&huge, &Limits::default()),
+        Err(AssetError::TooLarge(_))
+    ));
+}
