@@ -12,5 +12,7 @@ pub use catalog::{Action, CreditKind, Kit, ParseError, PlanId};
 pub use credits::{Credits, CreditsError};
 pub use ids::{AccountId, IdError};
 pub use pricing::{ConfigError, Plan, Pricing, TopUpPack};
-pub use spec::{Category, Decimal, Dimensions, MAX_SPEC_BYTES, Metal, Money, ProductSpec, SpecError, Stone};
+pub use spec::{
+    Category, Decimal, Dimensions, MAX_SPEC_BYTES, Metal, Money, ProductSpec, SpecError, Stone,
+};
 pub use time::{BillingCycle, Timestamp, billing_cycle};

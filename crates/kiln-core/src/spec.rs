@@ -53,7 +53,11 @@ impl Decimal {
             return Err(format!("{s:?} is not a decimal with at most 4 places"));
         }
         let whole: u64 = whole.parse().map_err(|_| format!("{s:?} is too large"))?;
-        let frac_val: u64 = if frac.is_empty() { 0 } else { format!("{frac:0<4}").parse().unwrap_or(0) };
+        let frac_val: u64 = if frac.is_empty() {
+            0
+        } else {
+            format!("{frac:0<4}").parse().unwrap_or(0)
+        };
         whole
             .checked_mul(Self::SCALE)
             .and_then(|w| w.checked_add(frac_val))
@@ -71,7 +75,11 @@ impl Decimal {
         let div = 10u64.pow(4 - places.min(4));
         let v = (self.0 + div / 2) / div;
         let unit = 10u64.pow(places.min(4));
-        if places == 0 { format!("{v}") } else { format!("{}.{:0width$}", v / unit, v % unit, width = places as usize) }
+        if places == 0 {
+            format!("{v}")
+        } else {
+            format!("{}.{:0width$}", v / unit, v % unit, width = places as usize)
+        }
     }
 }
 
@@ -125,7 +133,9 @@ fn currency<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     if s.len() == 3 && s.bytes().all(|b| b.is_ascii_uppercase()) {
         Ok(s)
     } else {
-        Err(serde::de::Error::custom(format!("currency {s:?} must be a 3-letter ISO code such as USD")))
+        Err(serde::de::Error::custom(format!(
+            "currency {s:?} must be a 3-letter ISO code such as USD"
+        )))
     }
 }
 
@@ -212,7 +222,8 @@ impl ProductSpec {
         if bytes.len() > MAX_SPEC_BYTES {
             return Err(SpecError(format!("larger than {MAX_SPEC_BYTES} bytes")));
         }
-        let spec: ProductSpec = serde_json::from_slice(bytes).map_err(|e| SpecError(e.to_string()))?;
+        let spec: ProductSpec =
+            serde_json::from_slice(bytes).map_err(|e| SpecError(e.to_string()))?;
         spec.check()?;
         Ok(spec)
     }
@@ -220,7 +231,9 @@ impl ProductSpec {
     fn check(&self) -> Result<(), SpecError> {
         let text = |field: &str, v: &str, max: usize| {
             if v.trim().is_empty() || v.chars().count() > max || v.chars().any(char::is_control) {
-                Err(SpecError(format!("{field} must be 1-{max} printable characters")))
+                Err(SpecError(format!(
+                    "{field} must be 1-{max} printable characters"
+                )))
             } else {
                 Ok(())
             }
@@ -252,7 +265,9 @@ impl ProductSpec {
         if let (Some(w), Some(m)) = (&self.wholesale_price, &self.msrp)
             && w.currency != m.currency
         {
-            return Err(SpecError("wholesale_price and msrp must use the same currency".into()));
+            return Err(SpecError(
+                "wholesale_price and msrp must use the same currency".into(),
+            ));
         }
         Ok(())
     }
@@ -278,22 +293,55 @@ mod tests {
     fn full_spec_parses_exactly() {
         let s = ProductSpec::from_json(FULL.as_bytes()).expect("valid");
         assert_eq!(s.category, Category::Ring);
-        assert_eq!(s.stones[0].carat.map(|c| c.to_string()), Some("0.75".into()));
-        assert_eq!(s.metal.as_ref().and_then(|m| m.weight_g).map(|w| w.ten_thousandths()), Some(32_000));
-        assert_eq!(s.msrp.as_ref().map(Money::display), Some("$2,899.99".into()));
-        assert_eq!(s.wholesale_price.as_ref().map(Money::display), Some("$1,250.00".into()));
+        assert_eq!(
+            s.stones[0].carat.map(|c| c.to_string()),
+            Some("0.75".into())
+        );
+        assert_eq!(
+            s.metal
+                .as_ref()
+                .and_then(|m| m.weight_g)
+                .map(|w| w.ten_thousandths()),
+            Some(32_000)
+        );
+        assert_eq!(
+            s.msrp.as_ref().map(Money::display),
+            Some("$2,899.99".into())
+        );
+        assert_eq!(
+            s.wholesale_price.as_ref().map(Money::display),
+            Some("$1,250.00".into())
+        );
     }
 
     #[test]
     fn bad_specs_name_the_problem() {
         let cases = [
             (r#"{"name": "x", "category": "ring"}"#, "style_number"),
-            (r#"{"style_number": "A", "name": "x", "category": "tiara"}"#, "tiara"),
-            (r#"{"style_number": "A", "name": "x", "category": "ring", "colour": "red"}"#, "colour"),
-            (r#"{"style_number": "A", "name": "x", "category": "ring", "msrp": {"amount": -5, "currency": "USD"}}"#, "negative"),
-            (r#"{"style_number": "A", "name": "x", "category": "ring", "msrp": {"amount": "1.23456", "currency": "USD"}}"#, "4 places"),
-            (r#"{"style_number": "A", "name": "x", "category": "ring", "msrp": {"amount": 5, "currency": "dollars"}}"#, "ISO"),
-            (r#"{"style_number": "", "name": "x", "category": "ring"}"#, "style_number"),
+            (
+                r#"{"style_number": "A", "name": "x", "category": "tiara"}"#,
+                "tiara",
+            ),
+            (
+                r#"{"style_number": "A", "name": "x", "category": "ring", "colour": "red"}"#,
+                "colour",
+            ),
+            (
+                r#"{"style_number": "A", "name": "x", "category": "ring", "msrp": {"amount": -5, "currency": "USD"}}"#,
+                "negative",
+            ),
+            (
+                r#"{"style_number": "A", "name": "x", "category": "ring", "msrp": {"amount": "1.23456", "currency": "USD"}}"#,
+                "4 places",
+            ),
+            (
+                r#"{"style_number": "A", "name": "x", "category": "ring", "msrp": {"amount": 5, "currency": "dollars"}}"#,
+                "ISO",
+            ),
+            (
+                r#"{"style_number": "", "name": "x", "category": "ring"}"#,
+                "style_number",
+            ),
             (r#"[1, 2]"#, "invalid type"),
             (r#"{"style_number": "A""#, "EOF"),
         ];
@@ -301,15 +349,27 @@ mod tests {
             let e = ProductSpec::from_json(json.as_bytes()).expect_err(json);
             assert!(e.to_string().contains(expect), "{json}: {e}");
         }
-        let big = format!(r#"{{"style_number": "A", "name": "x", "category": "ring", "notes": "{}"}}"#, "n".repeat(70_000));
+        let big = format!(
+            r#"{{"style_number": "A", "name": "x", "category": "ring", "notes": "{}"}}"#,
+            "n".repeat(70_000)
+        );
         assert!(ProductSpec::from_json(big.as_bytes()).is_err());
     }
 
     #[test]
     fn decimals_are_exact() {
-        assert_eq!(Decimal::parse("0.1").map(Decimal::ten_thousandths), Ok(1_000));
-        assert_eq!(Decimal::parse("12").map(|d| d.format(2)), Ok("12.00".into()));
-        assert_eq!(Decimal::parse("1.005").map(|d| d.format(2)), Ok("1.01".into()));
+        assert_eq!(
+            Decimal::parse("0.1").map(Decimal::ten_thousandths),
+            Ok(1_000)
+        );
+        assert_eq!(
+            Decimal::parse("12").map(|d| d.format(2)),
+            Ok("12.00".into())
+        );
+        assert_eq!(
+            Decimal::parse("1.005").map(|d| d.format(2)),
+            Ok("1.01".into())
+        );
         assert!(Decimal::parse("1e5").is_err());
         assert!(Decimal::parse("99999999999999999999").is_err());
     }

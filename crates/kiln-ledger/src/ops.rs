@@ -79,36 +79,49 @@ struct ReservationRow {
     resolved_at_ms: Option<i64>,
 }
 
-/// An idempotency-key lookup and the account's open grants, in one round trip.
+/// An open grant's columns, prefixed `g_` so they can sit beside an account's in one row.
 #[derive(sqlx::FromRow)]
-struct KeyAndGrantRow {
-    existing: Option<i64>,
-    id: Option<i64>,
-    kind: Option<String>,
-    remaining: Option<i64>,
-    granted_at_ms: Option<i64>,
-    expires_at_ms: Option<i64>,
+struct GrantColumns {
+    g_id: Option<i64>,
+    g_kind: Option<String>,
+    g_remaining: Option<i64>,
+    g_granted_at_ms: Option<i64>,
+    g_expires_at_ms: Option<i64>,
 }
 
-impl KeyAndGrantRow {
+impl GrantColumns {
+    /// `None` for the row a LEFT JOIN makes when the account has no open grant.
     fn into_open_grant(self) -> Option<Result<OpenGrant>> {
-        let (id, kind, remaining, granted_at) =
-            (self.id?, self.kind?, self.remaining?, self.granted_at_ms?);
+        let (id, kind, remaining, granted_at) = (
+            self.g_id?,
+            self.g_kind?,
+            self.g_remaining?,
+            self.g_granted_at_ms?,
+        );
         Some((|| {
             Ok(OpenGrant {
                 id: GrantId(id),
                 kind: parse(&kind, "grant kind")?,
                 remaining: credits(remaining, "grant remaining")?,
                 granted_at: ts(granted_at),
-                expires_at: self.expires_at_ms.map(ts),
+                expires_at: self.g_expires_at_ms.map(ts),
             })
         })())
     }
 }
 
+/// An idempotency-key lookup and the account's open grants, in one round trip.
+#[derive(sqlx::FromRow)]
+struct KeyAndGrantRow {
+    existing: Option<i64>,
+    #[sqlx(flatten)]
+    grant: GrantColumns,
+}
+
 const KEY_AND_GRANTS: &str = "SELECT \
     (SELECT r.id FROM reservations r WHERE r.account_id = $1 AND r.idempotency_key = $2) AS existing, \
-    g.id, g.kind, g.remaining, g.granted_at_ms, g.expires_at_ms \
+    g.id AS g_id, g.kind AS g_kind, g.remaining AS g_remaining, g.granted_at_ms AS g_granted_at_ms, \
+    g.expires_at_ms AS g_expires_at_ms \
     FROM (SELECT 1 AS one) AS x LEFT JOIN grants g ON g.account_id = $1 AND g.remaining > 0";
 
 #[derive(sqlx::FromRow)]
@@ -903,6 +916,225 @@ async fn hold(
     op: Operation,
 ) -> Result<Reservation> {
     check_key(key, "idempotency key")?;
+    if let Tx::Postgres(c) = tx
+        && let Some(r) = hold_optimistic(c, ctx, id, action, key, op).await?
+    {
+        return Ok(r);
+    }
+    hold_locked(tx, ctx, id, action, key, op).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL's optimistic reserve: one read without locks, then one guarded write. The write
+// applies only if the account's journal sequence is still the one read; every change to an
+// account's grants or totals appends to its journal and so moves that sequence, so a matching
+// sequence means the grants are exactly as read. A mismatch writes nothing and the reserve is
+// tried again; twice unlucky, or with an expiry or renewal due, it takes the locking path.
+
+const OPTIMISTIC_ATTEMPTS: usize = 2;
+
+enum Optimistic {
+    Done(Reservation),
+    Raced,
+    NeedsLock,
+}
+
+/// The optimistic reserve on any PostgreSQL connection: in a caller's transaction, or on its
+/// own in autocommit (each statement is atomic by itself). `None`: take the locking path.
+pub(crate) async fn hold_optimistic(
+    c: &mut sqlx::PgConnection,
+    ctx: &Ctx<'_>,
+    id: AccountId,
+    action: Action,
+    key: &str,
+    op: Operation,
+) -> Result<Option<Reservation>> {
+    check_key(key, "idempotency key")?;
+    for _ in 0..OPTIMISTIC_ATTEMPTS {
+        match try_hold_optimistic(c, ctx, id, action, key, op).await? {
+            Optimistic::Done(r) => return Ok(Some(r)),
+            Optimistic::Raced => continue,
+            Optimistic::NeedsLock => break,
+        }
+    }
+    Ok(None)
+}
+
+#[derive(sqlx::FromRow)]
+struct SnapshotRow {
+    #[sqlx(flatten)]
+    account: AccountRow,
+    existing: Option<i64>,
+    #[sqlx(flatten)]
+    grant: GrantColumns,
+}
+
+const SNAPSHOT_PG: &str = "SELECT a.*, \
+    (SELECT r.id FROM reservations r WHERE r.account_id = a.id AND r.idempotency_key = $2) AS existing, \
+    g.id AS g_id, g.kind AS g_kind, g.remaining AS g_remaining, \
+    g.granted_at_ms AS g_granted_at_ms, g.expires_at_ms AS g_expires_at_ms \
+    FROM accounts a LEFT JOIN grants g ON g.account_id = a.id AND g.remaining > 0 WHERE a.id = $1";
+
+// Everything a reserve writes, applied only when the journal sequence is unchanged ($2). The
+// final guard divides by zero (failing, so rolling back, the whole statement) if fewer grants
+// were drawn than planned.
+const HOLD_PG: &str = "WITH a AS (UPDATE accounts SET held = $3, committed = $4, journal_seq = $5 \
+    WHERE id = $1 AND journal_seq = $2 RETURNING id), \
+    g AS (UPDATE grants SET remaining = grants.remaining - d.amount \
+    FROM a, UNNEST($14::bigint[], $15::bigint[]) AS d(id, amount) \
+    WHERE grants.id = d.id AND grants.remaining >= d.amount RETURNING grants.id), \
+    r AS (INSERT INTO reservations (account_id, idempotency_key, operation, action, amount, list_price, exempt, \
+    state, created_at_ms, resolved_at_ms) SELECT a.id, $6, $7, $8, $9, $10, $11, $12, $13, $16 FROM a RETURNING id), \
+    p AS (INSERT INTO reservation_parts (reservation_id, seq, grant_id, amount) \
+    SELECT r.id, d.seq, d.grant_id, d.amount FROM r, \
+    UNNEST($14::bigint[], $15::bigint[]) WITH ORDINALITY AS d(grant_id, amount, seq)), \
+    j AS (INSERT INTO journal (account_id, seq, at_ms, entry, amount, reservation_id, action, list_price, reference, \
+    available_after, held_after) SELECT a.id, e.seq, $13, e.entry, $9, r.id, $8, $10, $6, e.available_after, \
+    e.held_after FROM a, r, UNNEST($17::bigint[], $18::text[], $19::bigint[], $20::bigint[]) \
+    AS e(seq, entry, available_after, held_after)) \
+    SELECT r.id, 1 / (CASE WHEN (SELECT COUNT(*) FROM g) = $21::bigint THEN 1 ELSE 0 END) AS guard FROM r";
+
+async fn try_hold_optimistic(
+    c: &mut sqlx::PgConnection,
+    ctx: &Ctx<'_>,
+    id: AccountId,
+    action: Action,
+    key: &str,
+    op: Operation,
+) -> Result<Optimistic> {
+    let rows: Vec<SnapshotRow> = sqlx::query_as(SNAPSHOT_PG)
+        .bind(id.to_string())
+        .bind(key)
+        .fetch_all(&mut *c)
+        .await?;
+    let Some(first) = rows.first() else {
+        return Err(LedgerError::AccountNotFound(id));
+    };
+    if let Some(existing) = first.existing {
+        let row: ReservationRow = sqlx::query_as("SELECT * FROM reservations WHERE id = $1")
+            .bind(existing)
+            .fetch_one(&mut *c)
+            .await?;
+        let r = row.into_reservation()?;
+        return if r.operation == op && r.action == action {
+            Ok(Optimistic::Done(r))
+        } else {
+            Err(LedgerError::IdempotencyConflict {
+                key: key.to_owned(),
+                existing: format!("{} of {}", r.operation.as_str(), r.action),
+            })
+        };
+    }
+    let mut grants = Vec::new();
+    let mut account = None;
+    for row in rows {
+        if let Some(g) = row.grant.into_open_grant() {
+            grants.push(g?);
+        }
+        account.get_or_insert(row.account);
+    }
+    let Some(account) = account else {
+        return Err(LedgerError::AccountNotFound(id));
+    };
+    let mut acct = Locked::from_row(account)?;
+    let renewal_due = acct.allowance(ctx.pricing).is_some()
+        && acct
+            .renewed_cycle
+            .is_none_or(|r| r < billing_cycle(acct.account.cycle_anchor, ctx.now).start);
+    if renewal_due || grants.iter().any(|g| g.is_expired(ctx.now)) {
+        return Ok(Optimistic::NeedsLock);
+    }
+    let list_price = ctx.pricing.cost(action);
+    let exempt = acct.account.is_admin;
+    let amount = if exempt { Credits::ZERO } else { list_price };
+    let draws = plan::plan_draws(&grants, ctx.now, amount).map_err(|s| {
+        LedgerError::InsufficientCredits {
+            needed: s.needed,
+            available: s.available,
+            shortfall: s.needed.saturating_sub(s.available),
+        }
+    })?;
+    let expected_seq = acct.journal_seq;
+    let charge = op == Operation::Charge;
+    let state = if charge {
+        ReservationState::Committed
+    } else {
+        ReservationState::Held
+    };
+    // The journal entries, computed as `Locked` would.
+    let mut r = Reservation {
+        id: ReservationId(0),
+        account_id: id,
+        idempotency_key: key.to_owned(),
+        operation: op,
+        action,
+        amount,
+        list_price,
+        exempt,
+        state,
+        created_at: ctx.now,
+        resolved_at: charge.then_some(ctx.now),
+    };
+    acct.reserved(&r)?;
+    if charge {
+        acct.committed(&r)?;
+    }
+    let entries = std::mem::take(&mut acct.entries);
+    let seqs: Vec<i64> = (expected_seq + 1..).take(entries.len()).collect();
+    let new_seq = seqs.last().copied().unwrap_or(expected_seq);
+    let grant_ids: Vec<i64> = draws.iter().map(|d| d.grant_id.0).collect();
+    let amounts: Vec<i64> = draws.iter().map(|d| d.amount.as_i64()).collect();
+    let row: Option<(i64, i32)> = sqlx::query_as(HOLD_PG)
+        .bind(id.to_string())
+        .bind(expected_seq)
+        .bind(acct.totals.held.as_i64())
+        .bind(acct.totals.committed.as_i64())
+        .bind(new_seq)
+        .bind(key)
+        .bind(op.as_str())
+        .bind(action.as_str())
+        .bind(amount.as_i64())
+        .bind(list_price.as_i64())
+        .bind(exempt)
+        .bind(state.as_str())
+        .bind(ctx.now.millis())
+        .bind(&grant_ids)
+        .bind(&amounts)
+        .bind(r.resolved_at.map(Timestamp::millis))
+        .bind(&seqs)
+        .bind(entries.iter().map(|e| e.entry.as_str()).collect::<Vec<_>>())
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.available_after.as_i64())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.held_after.as_i64())
+                .collect::<Vec<_>>(),
+        )
+        .bind(i64::try_from(draws.len()).unwrap_or(i64::MAX))
+        .fetch_optional(&mut *c)
+        .await?;
+    match row {
+        Some((rid, _)) => {
+            r.id = ReservationId(rid);
+            Ok(Optimistic::Done(r))
+        }
+        None => Ok(Optimistic::Raced),
+    }
+}
+
+async fn hold_locked(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    id: AccountId,
+    action: Action,
+    key: &str,
+    op: Operation,
+) -> Result<Reservation> {
     let mut acct = lock(tx, id).await?;
     // After the lock, so a reservation another transaction made under this key is visible.
     let rows: Vec<KeyAndGrantRow> = on_tx!(tx, c => sqlx::query_as(KEY_AND_GRANTS)
@@ -922,7 +1154,7 @@ async fn hold(
     }
     let open = rows
         .into_iter()
-        .filter_map(KeyAndGrantRow::into_open_grant)
+        .filter_map(|r| r.grant.into_open_grant())
         .collect::<Result<Vec<_>>>()?;
     let live = touch_with(tx, ctx, &mut acct, open).await?;
     let list_price = ctx.pricing.cost(action);
@@ -1209,12 +1441,11 @@ pub async fn renew(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId) -> Result<Vec<Gran
     Ok(new)
 }
 
-/// Accounts with a renewal or an expiry due at `now`.
+/// Accounts with a renewal or an expiry due at `now`. Only subscription grants expire, and they
+/// expire when the cycle renews, so the renewal date covers both.
 pub async fn due_accounts(tx: &mut Tx, now: Timestamp, limit: u32) -> Result<Vec<AccountId>> {
     let ids: Vec<String> = on_tx!(tx, c => sqlx::query_scalar(
-        "SELECT id FROM accounts WHERE next_renewal_ms <= $1 \
-         UNION SELECT account_id FROM grants WHERE remaining > 0 AND expires_at_ms <= $1 \
-         ORDER BY 1 LIMIT $2",
+        "SELECT id FROM accounts WHERE next_renewal_ms <= $1 ORDER BY next_renewal_ms LIMIT $2",
     )
     .bind(now.millis())
     .bind(i64::from(limit))
