@@ -17,6 +17,7 @@ pub enum Role {
     DetailImage,
     WebImage,
     SpecSheet,
+    LineSheet,
     SeoCopy,
 }
 
@@ -91,6 +92,7 @@ pub fn generate(
             "main image",
             "alternates",
             "spec sheet",
+            "line sheet",
             "copy",
         ],
     };
@@ -98,7 +100,7 @@ pub fn generate(
     let mut step = 0u32;
     let mut next = |progress: &mut dyn FnMut(Step)| {
         progress(Step {
-            name: steps[step as usize],
+            name: steps.get(step as usize).copied().unwrap_or("finishing"),
             done: step,
             total,
         });
@@ -192,6 +194,31 @@ pub fn generate(
         Role::SpecSheet,
         &SpecSheet::new(spec),
     )?);
+
+    next(progress);
+    let find = |role: Role| {
+        assets
+            .iter()
+            .find(|a| a.role == role)
+            .map(|a| a.bytes.as_slice())
+            .unwrap_or_default()
+    };
+    let sheet = crate::pdf::line_sheet(
+        spec,
+        find(Role::MainImage),
+        find(Role::DetailImage),
+        find(Role::ShadowImage),
+    )?;
+    assets.push(Asset {
+        path: "sheets/line-sheet.pdf".into(),
+        role: Role::LineSheet,
+        content_type: "application/pdf",
+        bytes: sheet,
+        width: None,
+        height: None,
+        alt: None,
+        quality: None,
+    });
 
     next(progress);
     let copy = copy::write(spec);

@@ -9,6 +9,7 @@
 pub mod copy;
 pub mod decode;
 pub mod kit;
+pub mod pdf;
 pub mod photo;
 pub mod quality;
 pub mod sample;

@@ -103,6 +103,46 @@ fn essentials_photos_meet_the_marketplace_rules() {
 }
 
 #[test]
+fn the_line_sheet_is_a_real_pdf_with_the_facts_as_text() {
+    let upload = jpeg(&sample::ring(1000));
+    let assets = generate(&upload, &spec(), Kit::Essentials, &mut |_| {}).expect("kit");
+    let sheet = assets
+        .iter()
+        .find(|a| a.role == Role::LineSheet)
+        .expect("line sheet");
+    assert_eq!(
+        (sheet.path.as_str(), sheet.content_type),
+        ("sheets/line-sheet.pdf", "application/pdf")
+    );
+    assert!(sheet.bytes.starts_with(b"%PDF-"));
+    let text = pdf_extract::extract_text_from_mem(&sheet.bytes).expect("the PDF parses");
+    for needle in [
+        "KL-R-1042",
+        "Aurora Solitaire",
+        "$1,250.00",
+        "$2,900.00",
+        "18k yellow gold",
+        "21 days",
+    ] {
+        assert!(
+            text.contains(needle),
+            "{needle:?} not found in the line sheet text:\n{text}"
+        );
+    }
+    // Fonts are subset: the whole sheet with three embedded photos stays compact.
+    let photos: usize = assets
+        .iter()
+        .filter(|a| a.content_type == "image/jpeg" && !a.path.contains("web"))
+        .map(|a| a.bytes.len())
+        .sum();
+    assert!(
+        sheet.bytes.len() < photos + 400_000,
+        "{} bytes",
+        sheet.bytes.len()
+    );
+}
+
+#[test]
 fn same_input_same_bytes() {
     let upload = png(&sample::ring(900));
     let a = generate(&upload, &spec(), Kit::Essentials, &mut |_| {}).expect("kit");
