@@ -19,6 +19,10 @@ pub enum Role {
     SpecSheet,
     LineSheet,
     SeoCopy,
+    LifestyleImage,
+    EditorialImage,
+    SocialImage,
+    Lookbook,
 }
 
 /// One generated file: its path inside the kit, bytes and metadata.
@@ -42,7 +46,7 @@ pub struct Step {
     pub total: u32,
 }
 
-fn image_asset(
+pub(crate) fn image_asset(
     path: &str,
     role: Role,
     img: &RgbImage,
@@ -85,8 +89,22 @@ pub fn generate(
     kit: Kit,
     progress: &mut dyn FnMut(Step),
 ) -> Result<Vec<Asset>, AssetError> {
+    const CARATZON: &[&str] = &[
+        "decode",
+        "cut out",
+        "main image",
+        "alternates",
+        "spec sheet",
+        "line sheet",
+        "copy",
+        "lifestyle",
+        "editorial",
+        "social",
+        "lookbook",
+    ];
     let steps: &[&'static str] = match kit {
-        Kit::Essentials | Kit::Caratzon => &[
+        Kit::Caratzon => CARATZON,
+        Kit::Essentials => &[
             "decode",
             "cut out",
             "main image",
@@ -254,6 +272,9 @@ pub fn generate(
         alt: None,
         quality: None,
     });
+    if kit == Kit::Caratzon {
+        crate::caratzon::add(&mut assets, &cut, spec, &mut || next(progress))?;
+    }
     Ok(assets)
 }
 

@@ -6,6 +6,7 @@
 //! their pixels against marketplace rules, `copy` writes SEO copy, `kit` assembles a kit and
 //! its manifest, `sample` renders the bundled sample design.
 
+pub mod caratzon;
 pub mod copy;
 pub mod decode;
 pub mod kit;
@@ -13,6 +14,7 @@ pub mod pdf;
 pub mod photo;
 pub mod quality;
 pub mod sample;
+pub mod scene;
 
 pub use decode::{Limits, Probe, decode, probe};
 pub use kit::{Asset, Manifest, ManifestEntry, Role, Step, generate};

@@ -127,8 +127,31 @@ pub fn cut_out(img: &RgbaImage) -> Result<Cutout, AssetError> {
     let (w, h) = img.dimensions();
     let mut alpha = vec![0u8; (w as usize) * (h as usize)];
     let (mut rows, mut cols) = (vec![0u32; h as usize], vec![0u32; w as usize]);
+    let luma = |x: u32, y: u32| {
+        let p = img.get_pixel(x.min(w - 1), y.min(h - 1));
+        (299 * i32::from(p[0]) + 587 * i32::from(p[1]) + 114 * i32::from(p[2])) / 1000
+    };
     for (x, y, p) in img.enumerate_pixels() {
         let d = u32::from(distance([p[0], p[1], p[2]], bg.color));
+        // A cast shadow is the backdrop, darker: every channel scaled by about the same factor,
+        // and smooth. Such pixels are dropped (the renders add their own shadow); metal and
+        // stones are either tinted, brighter than the backdrop, or textured.
+        if d > t0 && bg.is_light() {
+            let ratios = [0, 1, 2].map(|c| f32::from(p[c]) / f32::from(bg.color[c].max(1)));
+            let (lo, hi) = (
+                ratios.iter().copied().fold(f32::MAX, f32::min),
+                ratios.iter().copied().fold(0.0, f32::max),
+            );
+            let mean = (ratios[0] + ratios[1] + ratios[2]) / 3.0;
+            let gradient = (luma(x + 2, y) - luma(x.saturating_sub(2), y)).abs()
+                + (luma(x, y + 2) - luma(x, y.saturating_sub(2))).abs();
+            // Tolerances widen with the backdrop's own grain.
+            #[allow(clippy::cast_possible_truncation)]
+            let smooth = gradient < 10 + (bg.spread * 4.0) as i32;
+            if hi - lo <= 0.05 + bg.spread / 64.0 && (0.5..0.985).contains(&mean) && smooth {
+                continue;
+            }
+        }
         let mut a = if d <= t0 {
             0
         } else if d >= t1 {
@@ -138,9 +161,12 @@ pub fn cut_out(img: &RgbaImage) -> Result<Cutout, AssetError> {
         };
         a = a * u32::from(p[3]) / 255;
         alpha[(y as usize) * (w as usize) + x as usize] = u8::try_from(a).unwrap_or(255);
+    }
+    despeckle(&mut alpha, w, h);
+    for (i, &a) in alpha.iter().enumerate() {
         if a >= 128 {
-            rows[y as usize] += 1;
-            cols[x as usize] += 1;
+            rows[i / w as usize] += 1;
+            cols[i % w as usize] += 1;
         }
     }
     // Ignore specks: a row or column belongs to the product only with a few solid pixels in it.
@@ -177,6 +203,30 @@ pub fn cut_out(img: &RgbaImage) -> Result<Cutout, AssetError> {
         bounds,
         upload_size: (w, h),
     })
+}
+
+/// Clears mask pixels with at most two set neighbours: grain and shadow edges, not product.
+fn despeckle(alpha: &mut [u8], w: u32, h: u32) {
+    let (w, h) = (w as usize, h as usize);
+    let src = alpha.to_vec();
+    for y in 0..h {
+        for x in 0..w {
+            if src[y * w + x] == 0 {
+                continue;
+            }
+            let mut n = 0;
+            for ny in y.saturating_sub(1)..=(y + 1).min(h - 1) {
+                for nx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
+                    if (nx, ny) != (x, y) && src[ny * w + nx] > 0 {
+                        n += 1;
+                    }
+                }
+            }
+            if n <= 2 {
+                alpha[y * w + x] = 0;
+            }
+        }
+    }
 }
 
 /// Lanczos3 resampling with alpha handled (premultiplied) so edges do not pick up the

@@ -24,6 +24,11 @@ fn mix(a: [f32; 3], b: [f32; 3], t: f32) -> [f32; 3] {
     ]
 }
 
+fn hash2(a: f32, b: f32) -> f32 {
+    let v = (a * 12.9898 + b * 78.233).sin() * 43_758.547;
+    v - v.floor()
+}
+
 /// A ring on a backdrop, `size` x `size` pixels. The ring spans about 60% of the width.
 #[allow(
     clippy::cast_precision_loss,
@@ -64,11 +69,22 @@ pub fn ring(size: u32) -> RgbImage {
         let crown = (-0.55..=0.0).contains(&uy) && ux.abs() <= 1.0 - 0.45 * (-uy / 0.55);
         let pavilion = uy > 0.0 && uy <= 1.05 && ux.abs() <= 1.0 - uy / 1.05;
         if crown || pavilion {
-            let facet = ((ux * 4.0).floor() + (uy * 3.0).floor()).rem_euclid(3.0);
-            c = match facet as i32 {
-                0 => [252.0, 253.0, 255.0],
-                1 => [196.0, 210.0, 228.0],
-                _ => [120.0, 132.0, 150.0],
+            // Facets: wedges fanning from the table's centre on the crown and from the culet on
+            // the pavilion, each lit by how it faces the light (upper left), with a few sparks.
+            let (angle, band) = if crown {
+                ((uy + 0.8).atan2(ux), ((-uy / 0.55) * 2.0).floor())
+            } else {
+                ((uy - 1.05).atan2(ux), 0.0)
+            };
+            let wedge = ((angle + std::f32::consts::PI) / (std::f32::consts::PI / 7.0)).floor();
+            let lit =
+                0.5 + 0.5 * ((wedge * 1.7 + band * 2.3).sin() * 0.8 + (wedge * 0.9).cos() * 0.2);
+            let lit = if pavilion { lit * 0.85 } else { lit };
+            let spark = hash2(wedge, band) > 0.86;
+            c = if spark {
+                [255.0, 255.0, 255.0]
+            } else {
+                mix([112.0, 124.0, 146.0], [246.0, 249.0, 255.0], lit)
             };
         }
         // Prongs.

@@ -263,3 +263,77 @@ fn decompression_bombs_are_refused_before_decoding() {
         Err(AssetError::TooLarge(_))
     ));
 }
+
+#[test]
+fn caratzon_adds_lifestyle_editorial_social_and_a_lookbook() {
+    let upload = jpeg(&sample::ring(1000));
+    let mut steps = Vec::new();
+    let cz =
+        generate(&upload, &spec(), Kit::Caratzon, &mut |s| steps.push(s)).expect("caratzon kit");
+    let total = steps.last().map(|s| s.total).expect("progress");
+    assert_eq!(steps.len() as u32, total, "every step reported once");
+    let sizes = |role: Role| -> Vec<(u32, u32)> {
+        cz.iter()
+            .filter(|a| a.role == role)
+            .map(|a| decode_rgb(&a.bytes).dimensions())
+            .collect()
+    };
+    assert_eq!(
+        sizes(Role::SocialImage),
+        vec![
+            (1080, 1080),
+            (1080, 1350),
+            (1080, 1920),
+            (1000, 1500),
+            (1200, 630)
+        ]
+    );
+    assert_eq!(
+        sizes(Role::LifestyleImage),
+        vec![(2000, 1500), (2000, 1500)]
+    );
+    assert_eq!(sizes(Role::EditorialImage), vec![(1600, 2000)]);
+    // Rendered scenes, not white backgrounds: the marble's corners are not pure white, and the
+    // product really is in the picture (gold pixels near the centre).
+    let marble = decode_rgb(
+        &cz.iter()
+            .find(|a| a.path == "lifestyle/marble.jpg")
+            .expect("marble")
+            .bytes,
+    );
+    assert_ne!(marble.get_pixel(0, 0).0, [255, 255, 255]);
+    let gold = marble
+        .enumerate_pixels()
+        .filter(|(_, _, p)| p[0] > p[2].saturating_add(60))
+        .count();
+    assert!(gold > 10_000, "{gold} gold-ish pixels");
+
+    let book = cz
+        .iter()
+        .find(|a| a.role == Role::Lookbook)
+        .expect("lookbook");
+    let text = pdf_extract::extract_text_from_mem(&book.bytes).expect("the lookbook parses");
+    assert!(
+        text.contains("Aurora Solitaire")
+            && text.contains("KL-R-1042")
+            && text.contains("$2,900.00"),
+        "{text}"
+    );
+    let pages = pdf_extract::extract_text_from_mem_by_pages(&book.bytes).expect("pages");
+    assert_eq!(pages.len(), 4, "cover, marble, linen and details");
+    assert!(
+        pages[0].contains("Aurora Solitaire") && pages[3].contains("$1,250.00"),
+        "{pages:?}"
+    );
+
+    // Essentials is a strict subset.
+    let es = generate(&upload, &spec(), Kit::Essentials, &mut |_| {}).expect("essentials");
+    assert!(
+        es.iter()
+            .all(|e| cz.iter().any(|c| c.path == e.path && c.bytes == e.bytes))
+    );
+    assert!(!es.iter().any(|a| matches!(
+        a.role,
+        Role::SocialImage | Role::Lookbook | Role::LifestyleImage
+    )));
+}
