@@ -1,9 +1,45 @@
 #!/usr/bin/env bash
-# Ledger benchmark: kiln reserve+commit pairs per second against pgbench -N (simple-update)
-# transactions per second, same server, same number of clients, runs interleaved so both see
-# the same machine. Prints medians and the ratio as a Markdown table for docs/BENCHMARKS.md.
+# kiln's benchmarks, each beside an anchor measured in the same run (docs/BENCHMARKS.md):
+#   ledger: reserve+commit pairs per second vs pgbench -N (simple-update) TPS, same server, same
+#           clients, runs interleaved;
+#   assets: the 2000 px master and whole kits from a 4000x4000 JPEG vs vipsthumbnail making a
+#           2000 px thumbnail of the same file, all pinned to one core.
+# BENCH=ledger or BENCH=assets runs one of them. Prints Markdown tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+which=${BENCH:-all}
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+if [ "$which" = all ] || [ "$which" = assets ]; then
+    if ! command -v vipsthumbnail >/dev/null; then
+        echo "bench: installing libvips-tools for vipsthumbnail" >&2
+        if [ "$(id -u)" = 0 ]; then apt-get install -y -qq libvips-tools >/dev/null; else sudo apt-get install -y -qq libvips-tools >/dev/null; fi
+    fi
+    cargo build -q --release -p kiln-assets --example kit_bench
+    out=$(realpath -m "${CARGO_TARGET_DIR:-target}/kit-bench")
+    runs=${BENCH_RUNS:-5}
+    results=$(taskset -c 0 "${CARGO_TARGET_DIR:-target}/release/examples/kit_bench" "$out" "$runs")
+    vips=()
+    for _ in $(seq 1 "$runs"); do
+        t0=$(date +%s%N)
+        VIPS_CONCURRENCY=1 taskset -c 0 vipsthumbnail "$out/upload.jpg" -s 2000 -o "$out/vips.jpg[Q=92]"
+        vips+=("$(( ($(date +%s%N) - t0) / 1000 ))")
+    done
+    m_vips=$(printf '%s\n' "${vips[@]}" | median | awk '{ printf "%.1f", $1 / 1000 }')
+    get() { printf '%s\n' "$results" | awk -v k="$1" '$1 == k { print $2 }'; }
+    cat <<MD
+
+| 4000x4000 JPEG upload, one core, median of $runs | ms | vs vipsthumbnail -s 2000 |
+|---|---|---|
+| vipsthumbnail -s 2000 (whole process) | $m_vips | 1.00 |
+| kiln decode alone | $(get decode) | $(ratio "$(get decode)" "$m_vips") |
+| kiln 2000x2000 master (decode, cut-out, place on white, encode) | $(get master) | $(ratio "$(get master)" "$m_vips") |
+| kiln Essentials kit | $(get essentials) | $(ratio "$(get essentials)" "$m_vips") |
+| kiln Caratzon kit | $(get caratzon) | $(ratio "$(get caratzon)" "$m_vips") |
+MD
+fi
+[ "$which" = all ] || [ "$which" = ledger ] || exit 0
 
 clients=${BENCH_CLIENTS:-8}
 seconds=${BENCH_SECONDS:-5}
@@ -16,8 +52,6 @@ cargo build -q --release -p kiln-ledger --example ledger_bench
 bench_bin=${CARGO_TARGET_DIR:-target}/release/examples/ledger_bench
 
 recreate() { psql "$admin" -qc "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" >/dev/null; }
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-
 recreate kiln_bench_pgbench
 pgbench -q -i -s "$clients" "$root/kiln_bench_pgbench" >/dev/null 2>&1
 
@@ -36,7 +70,6 @@ psql "$admin" -qc "DROP DATABASE IF EXISTS kiln_bench_ledger WITH (FORCE)" -c "D
 m_own=$(printf '%s\n' "${kiln_own[@]}" | median)
 m_shared=$(printf '%s\n' "${kiln_shared[@]}" | median)
 m_pg=$(printf '%s\n' "${pg[@]}" | median)
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 cat <<MD
 
 | measure ($clients clients, ${seconds}s x $runs runs, median) | per second | vs pgbench -N |

@@ -125,23 +125,23 @@ pub fn cut_out(img: &RgbaImage) -> Result<Cutout, AssetError> {
     let t0 = (bg.spread * 3.0).clamp(10.0, 60.0) as u32;
     let t1 = t0 + 28;
     let (w, h) = img.dimensions();
-    let mut alpha = vec![0u8; (w as usize) * (h as usize)];
-    let (mut rows, mut cols) = (vec![0u32; h as usize], vec![0u32; w as usize]);
     let luma = |x: u32, y: u32| {
         let p = img.get_pixel(x.min(w - 1), y.min(h - 1));
         (299 * i32::from(p[0]) + 587 * i32::from(p[1]) + 114 * i32::from(p[2])) / 1000
     };
-    for (x, y, p) in img.enumerate_pixels() {
+    let alpha_at = |x: u32, y: u32| -> u8 {
+        let p = img.get_pixel(x, y);
         let d = u32::from(distance([p[0], p[1], p[2]], bg.color));
+        if d <= t0 {
+            return 0;
+        }
         // A cast shadow is the backdrop, darker: every channel scaled by about the same factor,
         // and smooth. Such pixels are dropped (the renders add their own shadow); metal and
         // stones are either tinted, brighter than the backdrop, or textured.
-        if d > t0 && bg.is_light() {
+        if bg.is_light() {
             let ratios = [0, 1, 2].map(|c| f32::from(p[c]) / f32::from(bg.color[c].max(1)));
-            let (lo, hi) = (
-                ratios.iter().copied().fold(f32::MAX, f32::min),
-                ratios.iter().copied().fold(0.0, f32::max),
-            );
+            let lo = ratios.iter().copied().fold(f32::MAX, f32::min);
+            let hi = ratios.iter().copied().fold(0.0, f32::max);
             let mean = (ratios[0] + ratios[1] + ratios[2]) / 3.0;
             let gradient = (luma(x + 2, y) - luma(x.saturating_sub(2), y)).abs()
                 + (luma(x, y + 2) - luma(x, y.saturating_sub(2))).abs();
@@ -149,52 +149,93 @@ pub fn cut_out(img: &RgbaImage) -> Result<Cutout, AssetError> {
             #[allow(clippy::cast_possible_truncation)]
             let smooth = gradient < 10 + (bg.spread * 4.0) as i32;
             if hi - lo <= 0.05 + bg.spread / 64.0 && (0.5..0.985).contains(&mean) && smooth {
-                continue;
+                return 0;
             }
         }
-        let mut a = if d <= t0 {
-            0
-        } else if d >= t1 {
+        let a = if d >= t1 {
             255
         } else {
             (d - t0) * 255 / (t1 - t0)
         };
-        a = a * u32::from(p[3]) / 255;
-        alpha[(y as usize) * (w as usize) + x as usize] = u8::try_from(a).unwrap_or(255);
-    }
-    despeckle(&mut alpha, w, h);
-    for (i, &a) in alpha.iter().enumerate() {
-        if a >= 128 {
-            rows[i / w as usize] += 1;
-            cols[i % w as usize] += 1;
-        }
-    }
-    // Ignore specks: a row or column belongs to the product only with a few solid pixels in it.
-    let span = |counts: &[u32], len: u32| -> Option<(u32, u32)> {
-        let min = (len / 400).max(2);
+        u8::try_from(a * u32::from(p[3]) / 255).unwrap_or(255)
+    };
+    // A row or column belongs to the product only with a few solid pixels in it (specks and
+    // grain do not count).
+    let span = |counts: &[u32], min: u32| -> Option<(u32, u32)> {
         let first = counts.iter().position(|&c| c >= min)?;
         let last = counts.iter().rposition(|&c| c >= min)?;
         Some((u32::try_from(first).ok()?, u32::try_from(last).ok()? + 1))
     };
-    let (Some((x0, x1)), Some((y0, y1))) = (span(&cols, h), span(&rows, w)) else {
-        return Err(AssetError::NoProduct(
+    let none = || {
+        AssetError::NoProduct(
             "no product found: the design matches its background or the image is blank".into(),
-        ));
+        )
     };
-    let bounds = Bounds { x0, y0, x1, y1 };
+
+    // Coarse pass on every 4th pixel: where is the product at all?
+    const STEP: u32 = 4;
+    let (cw, ch) = (w.div_ceil(STEP), h.div_ceil(STEP));
+    let (mut rows, mut cols) = (vec![0u32; ch as usize], vec![0u32; cw as usize]);
+    for cy in 0..ch {
+        for cx in 0..cw {
+            if alpha_at(cx * STEP, cy * STEP) >= 128 {
+                rows[cy as usize] += 1;
+                cols[cx as usize] += 1;
+            }
+        }
+    }
+    let (Some((cx0, cx1)), Some((cy0, cy1))) = (
+        span(&cols, (ch / 400).max(2)),
+        span(&rows, (cw / 400).max(2)),
+    ) else {
+        return Err(none());
+    };
+    // Fine pass over that region plus a margin, at full resolution.
+    let margin = 3 * STEP;
+    let (rx0, ry0) = (
+        (cx0 * STEP).saturating_sub(margin),
+        (cy0 * STEP).saturating_sub(margin),
+    );
+    let (rx1, ry1) = ((cx1 * STEP + margin).min(w), (cy1 * STEP + margin).min(h));
+    let (rw, rh) = (rx1 - rx0, ry1 - ry0);
+    let mut alpha = vec![0u8; (rw as usize) * (rh as usize)];
+    for y in 0..rh {
+        for x in 0..rw {
+            alpha[(y as usize) * (rw as usize) + x as usize] = alpha_at(rx0 + x, ry0 + y);
+        }
+    }
+    despeckle(&mut alpha, rw, rh);
+    let (mut rows, mut cols) = (vec![0u32; rh as usize], vec![0u32; rw as usize]);
+    for (i, &a) in alpha.iter().enumerate() {
+        if a >= 128 {
+            rows[i / rw as usize] += 1;
+            cols[i % rw as usize] += 1;
+        }
+    }
+    let (Some((x0, x1)), Some((y0, y1))) =
+        (span(&cols, (h / 400).max(2)), span(&rows, (w / 400).max(2)))
+    else {
+        return Err(none());
+    };
+    let bounds = Bounds {
+        x0: x0 + rx0,
+        y0: y0 + ry0,
+        x1: x1 + rx0,
+        y1: y1 + ry0,
+    };
     if bounds.long_side() < 16 {
         return Err(AssetError::NoProduct(
             "the product is only a few pixels in size".into(),
         ));
     }
     let image = RgbaImage::from_fn(bounds.width(), bounds.height(), |x, y| {
-        let (sx, sy) = (x + x0, y + y0);
-        let p = img.get_pixel(sx, sy);
+        let (lx, ly) = (x + x0, y + y0);
+        let p = img.get_pixel(lx + rx0, ly + ry0);
         Rgba([
             p[0],
             p[1],
             p[2],
-            alpha[(sy as usize) * (w as usize) + sx as usize],
+            alpha[(ly as usize) * (rw as usize) + lx as usize],
         ])
     });
     Ok(Cutout {
