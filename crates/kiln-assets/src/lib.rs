@@ -12,6 +12,7 @@ pub mod decode;
 pub mod kit;
 pub mod pdf;
 pub mod photo;
+pub mod provider;
 pub mod quality;
 pub mod sample;
 pub mod scene;
