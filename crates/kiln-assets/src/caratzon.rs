@@ -270,16 +270,12 @@ pub(crate) fn add(
         &find("photos/main.jpg"),
         &find("photos/detail.jpg"),
     )?;
-    assets.push(Asset {
-        path: "lookbook/lookbook.pdf".into(),
-        role: Role::Lookbook,
-        content_type: "application/pdf",
-        bytes: book,
-        width: None,
-        height: None,
-        alt: None,
-        quality: None,
-    });
+    assets.push(Asset::file(
+        "lookbook/lookbook.pdf",
+        Role::Lookbook,
+        "application/pdf",
+        book,
+    ));
     Ok(())
 }
 

@@ -38,6 +38,22 @@ pub struct Asset {
     pub quality: Option<Quality>,
 }
 
+impl Asset {
+    /// A file that is not an image (PDF, JSON, Markdown).
+    pub fn file(path: &str, role: Role, content_type: &'static str, bytes: Vec<u8>) -> Asset {
+        Asset {
+            path: path.to_owned(),
+            role,
+            content_type,
+            bytes,
+            width: None,
+            height: None,
+            alt: None,
+            quality: None,
+        }
+    }
+}
+
 /// Progress through a kit, reported before each step.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
@@ -69,16 +85,7 @@ pub(crate) fn image_asset(
 fn json_asset<T: Serialize>(path: &str, role: Role, value: &T) -> Result<Asset, AssetError> {
     let bytes =
         serde_json::to_vec_pretty(value).map_err(|e| AssetError::Render(format!("JSON: {e}")))?;
-    Ok(Asset {
-        path: path.to_owned(),
-        role,
-        content_type: "application/json",
-        bytes,
-        width: None,
-        height: None,
-        alt: None,
-        quality: None,
-    })
+    Ok(Asset::file(path, role, "application/json", bytes))
 }
 
 /// Makes every asset of `kit` from the upload and its spec. `progress` is called before each
@@ -104,15 +111,8 @@ pub fn generate(
     ];
     let steps: &[&'static str] = match kit {
         Kit::Caratzon => CARATZON,
-        Kit::Essentials => &[
-            "decode",
-            "cut out",
-            "main image",
-            "alternates",
-            "spec sheet",
-            "line sheet",
-            "copy",
-        ],
+        // Essentials is Caratzon's first seven steps.
+        Kit::Essentials => &CARATZON[..7],
     };
     let total = u32::try_from(steps.len()).unwrap_or(u32::MAX);
     let mut step = 0u32;
@@ -227,16 +227,12 @@ pub fn generate(
         find(Role::DetailImage),
         find(Role::ShadowImage),
     )?;
-    assets.push(Asset {
-        path: "sheets/line-sheet.pdf".into(),
-        role: Role::LineSheet,
-        content_type: "application/pdf",
-        bytes: sheet,
-        width: None,
-        height: None,
-        alt: None,
-        quality: None,
-    });
+    assets.push(Asset::file(
+        "sheets/line-sheet.pdf",
+        Role::LineSheet,
+        "application/pdf",
+        sheet,
+    ));
 
     next(progress);
     let copy = copy::write(spec);
@@ -262,16 +258,12 @@ pub fn generate(
     for a in &alts {
         md.push_str(&format!("- `{}`: {}\n", a.path, a.alt));
     }
-    assets.push(Asset {
-        path: "copy/seo.md".into(),
-        role: Role::SeoCopy,
-        content_type: "text/markdown; charset=utf-8",
-        bytes: md.into_bytes(),
-        width: None,
-        height: None,
-        alt: None,
-        quality: None,
-    });
+    assets.push(Asset::file(
+        "copy/seo.md",
+        Role::SeoCopy,
+        "text/markdown; charset=utf-8",
+        md.into_bytes(),
+    ));
     if kit == Kit::Caratzon {
         crate::caratzon::add(&mut assets, &cut, spec, &mut || next(progress))?;
     }

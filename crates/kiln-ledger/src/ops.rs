@@ -490,6 +490,11 @@ macro_rules! bind_account {
     };
 }
 
+/// One field of every pending journal entry, as an array parameter for `UNNEST`.
+fn column<'e, T>(entries: &'e [NewEntry], f: impl Fn(&'e NewEntry) -> T) -> Vec<T> {
+    entries.iter().map(f).collect()
+}
+
 /// Writes the account's totals and appends its new journal entries.
 async fn save(tx: &mut Tx, acct: &mut Locked, now: Timestamp) -> Result<()> {
     let id = acct.account.id.to_string();
@@ -502,61 +507,16 @@ async fn save(tx: &mut Tx, acct: &mut Locked, now: Timestamp) -> Result<()> {
             bind_account!(sqlx::query(SAVE_PG), &id, acct)
                 .bind(now.millis())
                 .bind(seqs)
-                .bind(entries.iter().map(|e| e.entry.as_str()).collect::<Vec<_>>())
-                .bind(
-                    entries
-                        .iter()
-                        .map(|e| e.amount.as_i64())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .iter()
-                        .map(|e| e.kind.map(CreditKind::as_str))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .iter()
-                        .map(|e| e.grant_id.map(|g| g.0))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .iter()
-                        .map(|e| e.reservation_id.map(|r| r.0))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .iter()
-                        .map(|e| e.action.map(Action::as_str))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .iter()
-                        .map(|e| e.list_price.map(Credits::as_i64))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .iter()
-                        .map(|e| e.reference.as_deref())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .iter()
-                        .map(|e| e.available_after.as_i64())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .iter()
-                        .map(|e| e.held_after.as_i64())
-                        .collect::<Vec<_>>(),
-                )
+                .bind(column(&entries, |e| e.entry.as_str()))
+                .bind(column(&entries, |e| e.amount.as_i64()))
+                .bind(column(&entries, |e| e.kind.map(CreditKind::as_str)))
+                .bind(column(&entries, |e| e.grant_id.map(|g| g.0)))
+                .bind(column(&entries, |e| e.reservation_id.map(|r| r.0)))
+                .bind(column(&entries, |e| e.action.map(Action::as_str)))
+                .bind(column(&entries, |e| e.list_price.map(Credits::as_i64)))
+                .bind(column(&entries, |e| e.reference.as_deref()))
+                .bind(column(&entries, |e| e.available_after.as_i64()))
+                .bind(column(&entries, |e| e.held_after.as_i64()))
                 .execute(&mut **c)
                 .await?;
         }
@@ -1102,19 +1062,9 @@ async fn try_hold_optimistic(
         .bind(&amounts)
         .bind(r.resolved_at.map(Timestamp::millis))
         .bind(&seqs)
-        .bind(entries.iter().map(|e| e.entry.as_str()).collect::<Vec<_>>())
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.available_after.as_i64())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.held_after.as_i64())
-                .collect::<Vec<_>>(),
-        )
+        .bind(column(&entries, |e| e.entry.as_str()))
+        .bind(column(&entries, |e| e.available_after.as_i64()))
+        .bind(column(&entries, |e| e.held_after.as_i64()))
         .bind(i64::try_from(draws.len()).unwrap_or(i64::MAX))
         .fetch_optional(&mut *c)
         .await?;
