@@ -44,6 +44,15 @@ pub fn fit(s: &str, max: usize) -> String {
         .to_owned()
 }
 
+/// "a" or "an", by how the next word sounds ("an 18k", "an emerald", "a ring").
+fn article(next: &str) -> &'static str {
+    let w = next.trim_start().to_lowercase();
+    let vowel =
+        w.starts_with(['a', 'e', 'i', 'o']) || (w.starts_with('u') && !w.starts_with("uni"));
+    let spoken_vowel = w.starts_with('8') || w.starts_with("11") || w.starts_with("18");
+    if vowel || spoken_vowel { "an" } else { "a" }
+}
+
 fn cap(s: &str) -> String {
     let mut c = s.chars();
     c.next()
@@ -137,7 +146,11 @@ pub fn write(spec: &ProductSpec) -> Copy {
         META_MAX,
     );
 
-    let mut long = format!("The {}{collection} is a {material}.", spec.name);
+    let mut long = format!(
+        "The {}{collection} is {} {material}.",
+        spec.name,
+        article(&material)
+    );
     if let Some(d) = &spec.dimensions_mm {
         let dims: Vec<String> = [
             ("length", d.length),
@@ -266,5 +279,33 @@ impl Copy {
         }
         md.push_str(&format!("\nTags: {}\n", self.tags.join(", ")));
         md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn articles_and_limits() {
+        assert_eq!(article("18k yellow gold ring"), "an");
+        assert_eq!(article("emerald pendant"), "an");
+        assert_eq!(article("14k gold ring"), "a");
+        assert_eq!(article("ring"), "a");
+        assert_eq!(fit("one two three", 9), "one two");
+        assert_eq!(fit("a, b", 2), "a");
+        let spec =
+            kiln_core::ProductSpec::from_json(crate::sample::SPEC_JSON.as_bytes()).expect("spec");
+        let c = write(&spec);
+        assert!(
+            c.title.chars().count() <= TITLE_MAX && c.meta_description.chars().count() <= META_MAX
+        );
+        assert_eq!(c.bullets.len(), 5);
+        assert!(
+            c.long_description.contains("is an 18k yellow gold ring"),
+            "{}",
+            c.long_description
+        );
+        assert!(c.tags.iter().all(|t| t.chars().count() <= TAG_MAX) && !c.tags.is_empty());
     }
 }
