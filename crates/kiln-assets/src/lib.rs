@@ -63,12 +63,15 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
-/// Encodes an RGB image as a baseline sRGB JPEG (4:2:0). jpeg-encoder's SIMD paths are a
-/// few times faster than image's encoder, and encoding is the largest cost after decoding.
+/// Encodes an RGB image as a baseline sRGB JPEG (4:2:0) with jpeg-encoder, which is faster than
+/// image's encoder (encoding is the largest cost after decoding). Its scalar path only, so every
+/// machine writes the same bytes.
 pub fn encode_jpeg(img: &image::RgbImage, quality: u8) -> Result<Vec<u8>, AssetError> {
     let (w, h) = (
-        u16::try_from(img.width()).map_err(|_| AssetError::Render("image too wide for JPEG".into()))?,
-        u16::try_from(img.height()).map_err(|_| AssetError::Render("image too tall for JPEG".into()))?,
+        u16::try_from(img.width())
+            .map_err(|_| AssetError::Render("image too wide for JPEG".into()))?,
+        u16::try_from(img.height())
+            .map_err(|_| AssetError::Render("image too tall for JPEG".into()))?,
     );
     let mut out = Vec::with_capacity(img.as_raw().len() / 8);
     let mut encoder = jpeg_encoder::Encoder::new(&mut out, quality);
