@@ -1124,10 +1124,10 @@ async fn hold_locked(
     let resolved_at = (op == Operation::Charge).then_some(ctx.now);
     let grant_ids: Vec<i64> = draws.iter().map(|d| d.grant_id.0).collect();
     let amounts: Vec<i64> = draws.iter().map(|d| d.amount.as_i64()).collect();
-    let rid: i64 = match tx {
-        Tx::Postgres(c) => {
-            let (rid, drawn): (i64, i64) = sqlx::query_as(INSERT_RESERVATION_PG)
-                .bind(id.to_string())
+    // Binds `$1..=$10` of INSERT_RESERVATION / INSERT_RESERVATION_PG.
+    macro_rules! bind_reservation {
+        ($q:expr) => {
+            $q.bind(id.to_string())
                 .bind(key)
                 .bind(op.as_str())
                 .bind(action.as_str())
@@ -1137,6 +1137,11 @@ async fn hold_locked(
                 .bind(state.as_str())
                 .bind(ctx.now.millis())
                 .bind(resolved_at.map(Timestamp::millis))
+        };
+    }
+    let rid: i64 = match tx {
+        Tx::Postgres(c) => {
+            let (rid, drawn): (i64, i64) = bind_reservation!(sqlx::query_as(INSERT_RESERVATION_PG))
                 .bind(&grant_ids)
                 .bind(&amounts)
                 .fetch_one(&mut **c)
@@ -1164,17 +1169,7 @@ async fn hold_locked(
                     )));
                 }
             }
-            let rid: i64 = sqlx::query_scalar(INSERT_RESERVATION)
-                .bind(id.to_string())
-                .bind(key)
-                .bind(op.as_str())
-                .bind(action.as_str())
-                .bind(amount.as_i64())
-                .bind(list_price.as_i64())
-                .bind(exempt)
-                .bind(state.as_str())
-                .bind(ctx.now.millis())
-                .bind(resolved_at.map(Timestamp::millis))
+            let rid: i64 = bind_reservation!(sqlx::query_scalar(INSERT_RESERVATION))
                 .fetch_one(&mut **c)
                 .await?;
             for (seq, (g, a)) in (1_i32..).zip(grant_ids.iter().zip(&amounts)) {
