@@ -407,6 +407,15 @@ impl Locked {
         Ok(())
     }
 
+    /// A new reservation: held, and for a charge committed at once.
+    fn held_for(&mut self, r: &Reservation) -> Result<()> {
+        self.reserved(r)?;
+        if r.state == ReservationState::Committed {
+            self.committed(r)?;
+        }
+        Ok(())
+    }
+
     fn committed(&mut self, r: &Reservation) -> Result<()> {
         self.unhold(r)?;
         self.totals.committed = self.totals.committed.checked_add(r.amount)?;
@@ -975,15 +984,7 @@ async fn try_hold_optimistic(
             .bind(existing)
             .fetch_one(&mut *c)
             .await?;
-        let r = row.into_reservation()?;
-        return if r.operation == op && r.action == action {
-            Ok(Optimistic::Done(r))
-        } else {
-            Err(LedgerError::IdempotencyConflict {
-                key: key.to_owned(),
-                existing: format!("{} of {}", r.operation.as_str(), r.action),
-            })
-        };
+        return replay(row.into_reservation()?, key, action, op).map(Optimistic::Done);
     }
     let mut grants = Vec::new();
     let mut account = None;
@@ -1004,41 +1005,10 @@ async fn try_hold_optimistic(
     if renewal_due || grants.iter().any(|g| g.is_expired(ctx.now)) {
         return Ok(Optimistic::NeedsLock);
     }
-    let list_price = ctx.pricing.cost(action);
-    let exempt = acct.account.is_admin;
-    let amount = if exempt { Credits::ZERO } else { list_price };
-    let draws = plan::plan_draws(&grants, ctx.now, amount).map_err(|s| {
-        LedgerError::InsufficientCredits {
-            needed: s.needed,
-            available: s.available,
-            shortfall: s.needed.saturating_sub(s.available),
-        }
-    })?;
+    let (mut r, draws) = plan_hold(ctx, &acct, &grants, id, action, key, op)?;
     let expected_seq = acct.journal_seq;
-    let charge = op == Operation::Charge;
-    let state = if charge {
-        ReservationState::Committed
-    } else {
-        ReservationState::Held
-    };
     // The journal entries, computed as `Locked` would.
-    let mut r = Reservation {
-        id: ReservationId(0),
-        account_id: id,
-        idempotency_key: key.to_owned(),
-        operation: op,
-        action,
-        amount,
-        list_price,
-        exempt,
-        state,
-        created_at: ctx.now,
-        resolved_at: charge.then_some(ctx.now),
-    };
-    acct.reserved(&r)?;
-    if charge {
-        acct.committed(&r)?;
-    }
+    acct.held_for(&r)?;
     let entries = std::mem::take(&mut acct.entries);
     let seqs: Vec<i64> = (expected_seq + 1..).take(entries.len()).collect();
     let new_seq = seqs.last().copied().unwrap_or(expected_seq);
@@ -1053,10 +1023,10 @@ async fn try_hold_optimistic(
         .bind(key)
         .bind(op.as_str())
         .bind(action.as_str())
-        .bind(amount.as_i64())
-        .bind(list_price.as_i64())
-        .bind(exempt)
-        .bind(state.as_str())
+        .bind(r.amount.as_i64())
+        .bind(r.list_price.as_i64())
+        .bind(r.exempt)
+        .bind(r.state.as_str())
         .bind(ctx.now.millis())
         .bind(&grant_ids)
         .bind(&amounts)
@@ -1077,6 +1047,60 @@ async fn try_hold_optimistic(
     }
 }
 
+/// What a hold will make: the reservation (its id is set once inserted) and the grants it draws
+/// from, or InsufficientCredits. Admins are held at zero with the list price recorded.
+fn plan_hold(
+    ctx: &Ctx<'_>,
+    acct: &Locked,
+    live: &[OpenGrant],
+    id: AccountId,
+    action: Action,
+    key: &str,
+    op: Operation,
+) -> Result<(Reservation, Vec<plan::Draw>)> {
+    let list_price = ctx.pricing.cost(action);
+    let exempt = acct.account.is_admin;
+    let amount = if exempt { Credits::ZERO } else { list_price };
+    let draws =
+        plan::plan_draws(live, ctx.now, amount).map_err(|s| LedgerError::InsufficientCredits {
+            needed: s.needed,
+            available: s.available,
+            shortfall: s.needed.saturating_sub(s.available),
+        })?;
+    let charge = op == Operation::Charge;
+    let r = Reservation {
+        id: ReservationId(0),
+        account_id: id,
+        idempotency_key: key.to_owned(),
+        operation: op,
+        action,
+        amount,
+        list_price,
+        exempt,
+        state: if charge {
+            ReservationState::Committed
+        } else {
+            ReservationState::Held
+        },
+        created_at: ctx.now,
+        resolved_at: charge.then_some(ctx.now),
+    };
+    Ok((r, draws))
+}
+
+/// The same idempotency key again: the original reservation if the request matches, else a
+/// conflict.
+fn replay(r: Reservation, key: &str, action: Action, op: Operation) -> Result<Reservation> {
+    if r.operation == op && r.action == action {
+        Ok(r)
+    } else {
+        Err(LedgerError::IdempotencyConflict {
+            key: key.to_owned(),
+            existing: format!("{} of {}", r.operation.as_str(), r.action),
+        })
+    }
+}
+
 async fn hold_locked(
     tx: &mut Tx,
     ctx: &Ctx<'_>,
@@ -1093,35 +1117,19 @@ async fn hold_locked(
         .fetch_all(&mut **c)
         .await?);
     if let Some(existing) = rows.first().and_then(|r| r.existing) {
-        let r = reservation_row(tx, ReservationId(existing)).await?;
-        if r.operation == op && r.action == action {
-            return Ok(r);
-        }
-        return Err(LedgerError::IdempotencyConflict {
-            key: key.to_owned(),
-            existing: format!("{} of {}", r.operation.as_str(), r.action),
-        });
+        return replay(
+            reservation_row(tx, ReservationId(existing)).await?,
+            key,
+            action,
+            op,
+        );
     }
     let open = rows
         .into_iter()
         .filter_map(|r| r.grant.into_open_grant())
         .collect::<Result<Vec<_>>>()?;
     let live = touch_with(tx, ctx, &mut acct, open).await?;
-    let list_price = ctx.pricing.cost(action);
-    let exempt = acct.account.is_admin;
-    let amount = if exempt { Credits::ZERO } else { list_price };
-    let draws =
-        plan::plan_draws(&live, ctx.now, amount).map_err(|s| LedgerError::InsufficientCredits {
-            needed: s.needed,
-            available: s.available,
-            shortfall: s.needed.saturating_sub(s.available),
-        })?;
-    let state = if op == Operation::Charge {
-        ReservationState::Committed
-    } else {
-        ReservationState::Held
-    };
-    let resolved_at = (op == Operation::Charge).then_some(ctx.now);
+    let (mut r, draws) = plan_hold(ctx, &acct, &live, id, action, key, op)?;
     let grant_ids: Vec<i64> = draws.iter().map(|d| d.grant_id.0).collect();
     let amounts: Vec<i64> = draws.iter().map(|d| d.amount.as_i64()).collect();
     // Binds `$1..=$10` of INSERT_RESERVATION / INSERT_RESERVATION_PG.
@@ -1131,12 +1139,12 @@ async fn hold_locked(
                 .bind(key)
                 .bind(op.as_str())
                 .bind(action.as_str())
-                .bind(amount.as_i64())
-                .bind(list_price.as_i64())
-                .bind(exempt)
-                .bind(state.as_str())
+                .bind(r.amount.as_i64())
+                .bind(r.list_price.as_i64())
+                .bind(r.exempt)
+                .bind(r.state.as_str())
                 .bind(ctx.now.millis())
-                .bind(resolved_at.map(Timestamp::millis))
+                .bind(r.resolved_at.map(Timestamp::millis))
         };
     }
     let rid: i64 = match tx {
@@ -1184,23 +1192,8 @@ async fn hold_locked(
             rid
         }
     };
-    let r = Reservation {
-        id: ReservationId(rid),
-        account_id: id,
-        idempotency_key: key.to_owned(),
-        operation: op,
-        action,
-        amount,
-        list_price,
-        exempt,
-        state,
-        created_at: ctx.now,
-        resolved_at,
-    };
-    acct.reserved(&r)?;
-    if op == Operation::Charge {
-        acct.committed(&r)?;
-    }
+    r.id = ReservationId(rid);
+    acct.held_for(&r)?;
     save(tx, &mut acct, ctx.now).await?;
     Ok(r)
 }
