@@ -144,19 +144,6 @@ impl Pen<'_, '_> {
         self.text(face, size, color, right - w, y, text);
     }
 
-    pub fn text_center(
-        &mut self,
-        face: &Face,
-        size: f32,
-        color: (u8, u8, u8),
-        center: f32,
-        y: f32,
-        text: &str,
-    ) {
-        let w = face.width(text, size);
-        self.text(face, size, color, center - w / 2.0, y, text);
-    }
-
     /// Wraps `text` to `width`, drawing up to `max_lines` lines `leading` apart; returns the
     /// baseline after the last line.
     #[allow(clippy::too_many_arguments)]
@@ -419,21 +406,19 @@ pub fn line_sheet(
     }
 
     // Notes across the foot of the photo column.
-    let mut fy = top + big + small + 40.0;
     if let Some(n) = &spec.notes {
-        fy = pen.paragraph(
+        pen.paragraph(
             &f.display_italic,
             12.0,
             INK,
             margin,
-            fy,
+            top + big + small + 40.0,
             w - 2.0 * margin,
             16.0,
             4,
             n,
-        ) + 8.0;
+        );
     }
-    let _ = fy;
     pen.rule(margin, w - margin, h - margin - 18.0, GOLD, 0.5);
     pen.text(
         &f.light,
