@@ -5,7 +5,7 @@
 
 use std::io::Cursor;
 
-use image::{ImageFormat, ImageReader, RgbaImage};
+use image::{DynamicImage, ImageFormat, ImageReader, RgbImage, RgbaImage};
 
 use crate::AssetError;
 
@@ -115,8 +115,32 @@ fn check_jpeg_complete(bytes: &[u8]) -> Result<(), AssetError> {
     }
 }
 
-/// Probes, then decodes to RGBA under an allocation cap derived from the checked dimensions.
-pub fn decode(bytes: &[u8], limits: &Limits) -> Result<(Probe, RgbaImage), AssetError> {
+/// Decoded upload pixels: RGB when the file has no alpha channel (every JPEG), so a 16-megapixel
+/// photo is not widened to RGBA (a 64 MB copy) before it is cut out.
+#[derive(Clone, Debug)]
+pub enum Decoded {
+    Rgb(RgbImage),
+    Rgba(RgbaImage),
+}
+
+impl Decoded {
+    pub fn dimensions(&self) -> (u32, u32) {
+        match self {
+            Self::Rgb(i) => i.dimensions(),
+            Self::Rgba(i) => i.dimensions(),
+        }
+    }
+
+    pub fn to_rgba(&self) -> RgbaImage {
+        match self {
+            Self::Rgb(i) => DynamicImage::ImageRgb8(i.clone()).into_rgba8(),
+            Self::Rgba(i) => i.clone(),
+        }
+    }
+}
+
+/// Probes, then decodes under an allocation cap derived from the checked dimensions.
+pub fn decode(bytes: &[u8], limits: &Limits) -> Result<(Probe, Decoded), AssetError> {
     let p = probe(bytes, limits)?;
     if p.format == ImageFormat::Jpeg {
         check_jpeg_complete(bytes)?;
@@ -140,5 +164,11 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<(Probe, RgbaImage), Asset
             "decoded size differs from the header".into(),
         ));
     }
-    Ok((p, img.to_rgba8()))
+    let pixels = match img {
+        DynamicImage::ImageRgb8(i) => Decoded::Rgb(i),
+        DynamicImage::ImageRgba8(i) => Decoded::Rgba(i),
+        other if other.color().has_alpha() => Decoded::Rgba(other.into_rgba8()),
+        other => Decoded::Rgb(other.into_rgb8()),
+    };
+    Ok((p, pixels))
 }

@@ -17,7 +17,7 @@ pub mod quality;
 pub mod sample;
 pub mod scene;
 
-pub use decode::{Limits, Probe, decode, probe};
+pub use decode::{Decoded, Limits, Probe, decode, probe};
 pub use kit::{Asset, Manifest, ManifestEntry, Role, Step, generate};
 pub use quality::Quality;
 

@@ -6,7 +6,37 @@
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 use image::{Rgb, RgbImage, Rgba, RgbaImage};
 
-use crate::AssetError;
+use crate::{AssetError, Decoded};
+
+/// Read access to upload pixels, RGB or RGBA, so cut-outs work on the decoder's own buffer.
+pub trait Pixels {
+    fn dimensions(&self) -> (u32, u32);
+    /// RGBA at (`x`, `y`); opaque for RGB sources.
+    fn rgba(&self, x: u32, y: u32) -> [u8; 4];
+}
+
+impl Pixels for RgbImage {
+    fn dimensions(&self) -> (u32, u32) {
+        RgbImage::dimensions(self)
+    }
+
+    #[inline]
+    fn rgba(&self, x: u32, y: u32) -> [u8; 4] {
+        let [r, g, b] = self.get_pixel(x, y).0;
+        [r, g, b, 255]
+    }
+}
+
+impl Pixels for RgbaImage {
+    fn dimensions(&self) -> (u32, u32) {
+        RgbaImage::dimensions(self)
+    }
+
+    #[inline]
+    fn rgba(&self, x: u32, y: u32) -> [u8; 4] {
+        self.get_pixel(x, y).0
+    }
+}
 
 /// The master image's side and the share of it the product's long side fills.
 pub const MASTER_SIDE: u32 = 2000;
@@ -33,7 +63,7 @@ impl Background {
 }
 
 /// Samples a band around the border (at most ~40k pixels) and takes the per-channel median.
-pub fn estimate_background(img: &RgbaImage) -> Background {
+pub fn estimate_background(img: &impl Pixels) -> Background {
     let (w, h) = img.dimensions();
     let band = (w.min(h) / 50).max(2);
     let perimeter = 2 * u64::from(w + h) * u64::from(band);
@@ -49,7 +79,7 @@ pub fn estimate_background(img: &RgbaImage) -> Background {
         };
         for x in xs {
             if i.is_multiple_of(step) {
-                let p = img.get_pixel(x, y).0;
+                let p = img.rgba(x, y);
                 samples.push([p[0], p[1], p[2]]);
             }
             i += 1;
@@ -117,20 +147,28 @@ impl Cutout {
     }
 }
 
+/// `cut_out` on a decoded upload, on its own pixel layout.
+pub fn cut_out_decoded(img: &Decoded) -> Result<Cutout, AssetError> {
+    match img {
+        Decoded::Rgb(i) => cut_out(i),
+        Decoded::Rgba(i) => cut_out(i),
+    }
+}
+
 /// Cuts the product out: alpha ramps from 0 (background colour) to 255 over a band of colour
 /// distance that widens with the background's own noise.
-pub fn cut_out(img: &RgbaImage) -> Result<Cutout, AssetError> {
+pub fn cut_out(img: &impl Pixels) -> Result<Cutout, AssetError> {
     let bg = estimate_background(img);
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let t0 = (bg.spread * 3.0).clamp(10.0, 60.0) as u32;
     let t1 = t0 + 28;
     let (w, h) = img.dimensions();
     let luma = |x: u32, y: u32| {
-        let p = img.get_pixel(x.min(w - 1), y.min(h - 1));
+        let p = img.rgba(x.min(w - 1), y.min(h - 1));
         (299 * i32::from(p[0]) + 587 * i32::from(p[1]) + 114 * i32::from(p[2])) / 1000
     };
     let alpha_at = |x: u32, y: u32| -> u8 {
-        let p = img.get_pixel(x, y);
+        let p = img.rgba(x, y);
         let d = u32::from(distance([p[0], p[1], p[2]], bg.color));
         if d <= t0 {
             return 0;
@@ -230,7 +268,7 @@ pub fn cut_out(img: &RgbaImage) -> Result<Cutout, AssetError> {
     }
     let image = RgbaImage::from_fn(bounds.width(), bounds.height(), |x, y| {
         let (lx, ly) = (x + x0, y + y0);
-        let p = img.get_pixel(lx + rx0, ly + ry0);
+        let p = img.rgba(lx + rx0, ly + ry0);
         Rgba([
             p[0],
             p[1],
