@@ -23,7 +23,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     std::fs::write(
         out.join("manifest.json"),
-        Manifest::new("sample", kit, &assets).to_json(),
+        Manifest::new(
+            "sample",
+            kit,
+            kiln_assets::generator::STUDIO.into(),
+            &assets,
+        )
+        .to_json(),
     )?;
     Ok(())
 }

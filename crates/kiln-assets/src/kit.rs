@@ -88,14 +88,8 @@ fn json_asset<T: Serialize>(path: &str, role: Role, value: &T) -> Result<Asset, 
     Ok(Asset::file(path, role, "application/json", bytes))
 }
 
-/// Makes every asset of `kit` from the upload and its spec. `progress` is called before each
-/// step. Deterministic: the same input gives byte-identical assets.
-pub fn generate(
-    upload: &[u8],
-    spec: &ProductSpec,
-    kit: Kit,
-    progress: &mut dyn FnMut(Step),
-) -> Result<Vec<Asset>, AssetError> {
+/// The studio's steps for `kit`, in order.
+pub fn steps(kit: Kit) -> &'static [&'static str] {
     const CARATZON: &[&str] = &[
         "decode",
         "cut out",
@@ -109,11 +103,22 @@ pub fn generate(
         "social",
         "lookbook",
     ];
-    let steps: &[&'static str] = match kit {
+    match kit {
         Kit::Caratzon => CARATZON,
         // Essentials is Caratzon's first seven steps.
         Kit::Essentials => &CARATZON[..7],
-    };
+    }
+}
+
+/// Makes every asset of `kit` from the upload and its spec. `progress` is called before each
+/// step. Deterministic: the same input gives byte-identical assets.
+pub fn generate(
+    upload: &[u8],
+    spec: &ProductSpec,
+    kit: Kit,
+    progress: &mut dyn FnMut(Step),
+) -> Result<Vec<Asset>, AssetError> {
+    let steps = steps(kit);
     let total = u32::try_from(steps.len()).unwrap_or(u32::MAX);
     let mut step = 0u32;
     let mut next = |progress: &mut dyn FnMut(Step)| {
@@ -235,7 +240,16 @@ pub fn generate(
     ));
 
     next(progress);
-    let copy = copy::write(spec);
+    let copy_files = copy_assets(&copy::write(spec), &assets)?;
+    assets.extend(copy_files);
+    if kit == Kit::Caratzon {
+        crate::caratzon::add(&mut assets, &cut, spec, &mut || next(progress))?;
+    }
+    Ok(assets)
+}
+
+/// `copy/seo.json` and `copy/seo.md`: the copy plus the alt text of every image in `assets`.
+pub(crate) fn copy_assets(copy: &copy::Copy, assets: &[Asset]) -> Result<[Asset; 2], AssetError> {
     let alts: Vec<AltText> = assets
         .iter()
         .filter_map(|a| {
@@ -245,29 +259,26 @@ pub fn generate(
             })
         })
         .collect();
-    assets.push(json_asset(
+    let json = json_asset(
         "copy/seo.json",
         Role::SeoCopy,
         &SeoDocument {
-            copy: &copy,
+            copy,
             alt_text: &alts,
         },
-    )?);
+    )?;
     let mut md = copy.markdown();
     md.push_str("\n## Alt text\n\n");
     for a in &alts {
         md.push_str(&format!("- `{}`: {}\n", a.path, a.alt));
     }
-    assets.push(Asset::file(
+    let md = Asset::file(
         "copy/seo.md",
         Role::SeoCopy,
         "text/markdown; charset=utf-8",
         md.into_bytes(),
-    ));
-    if kit == Kit::Caratzon {
-        crate::caratzon::add(&mut assets, &cut, spec, &mut || next(progress))?;
-    }
-    Ok(assets)
+    );
+    Ok([json, md])
 }
 
 #[derive(Serialize)]
@@ -323,13 +334,14 @@ pub struct ManifestEntry {
 pub struct Manifest {
     pub job: String,
     pub kit: Kit,
-    pub generator: &'static str,
+    /// Which generator made the kit: `kiln-studio/1`, or `kiln-studio/1+ai:<models>`.
+    pub generator: String,
     pub assets: Vec<ManifestEntry>,
 }
 
 impl Manifest {
     /// Lists `assets` under `kits/<job>/`.
-    pub fn new(job: &str, kit: Kit, assets: &[Asset]) -> Manifest {
+    pub fn new(job: &str, kit: Kit, generator: String, assets: &[Asset]) -> Manifest {
         let entries = assets
             .iter()
             .map(|a| ManifestEntry {
@@ -347,7 +359,7 @@ impl Manifest {
         Manifest {
             job: job.to_owned(),
             kit,
-            generator: "kiln-studio/1",
+            generator,
             assets: entries,
         }
     }

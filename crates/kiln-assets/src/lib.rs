@@ -9,6 +9,7 @@
 pub mod caratzon;
 pub mod copy;
 pub mod decode;
+pub mod generator;
 pub mod kit;
 pub mod pdf;
 pub mod photo;
@@ -18,6 +19,7 @@ pub mod sample;
 pub mod scene;
 
 pub use decode::{Decoded, Limits, Probe, decode, probe};
+pub use generator::{Generator, KitError, Progress};
 pub use kit::{Asset, Manifest, ManifestEntry, Role, Step, generate};
 pub use quality::Quality;
 

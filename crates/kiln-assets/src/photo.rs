@@ -71,11 +71,11 @@ pub fn estimate_background(img: &impl Pixels) -> Background {
     let mut samples: Vec<[u8; 3]> = Vec::new();
     let mut i = 0usize;
     for y in 0..h {
-        let edge_row = y < band || y >= h - band;
+        let edge_row = y < band || y + band >= h;
         let xs: Box<dyn Iterator<Item = u32>> = if edge_row {
             Box::new(0..w)
         } else {
-            Box::new((0..band).chain(w - band..w))
+            Box::new((0..band.min(w)).chain(w.saturating_sub(band)..w))
         };
         for x in xs {
             if i.is_multiple_of(step) {

@@ -102,6 +102,10 @@ impl Provider {
         Ok(Provider { client, cfg })
     }
 
+    pub fn config(&self) -> &ProviderConfig {
+        &self.cfg
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.cfg.base_url.trim_end_matches('/'))
     }

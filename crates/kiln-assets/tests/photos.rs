@@ -156,7 +156,8 @@ fn same_input_same_bytes() {
             x.path
         );
     }
-    let manifest = kiln_assets::Manifest::new("01JTESTJOB", Kit::Essentials, &a);
+    let manifest =
+        kiln_assets::Manifest::new("01JTESTJOB", Kit::Essentials, "kiln-studio/1".into(), &a);
     assert!(
         manifest
             .assets

@@ -31,10 +31,11 @@ async fn edits(headers: HeaderMap, mut form: Multipart) -> Response {
             "Incorrect API key provided",
         );
     }
-    let (mut prompt, mut image_len) = (String::new(), 0);
+    let (mut prompt, mut image_len, mut size) = (String::new(), 0, String::from("1024x1024"));
     while let Ok(Some(field)) = form.next_field().await {
         match field.name() {
             Some("prompt") => prompt = field.text().await.unwrap_or_default(),
+            Some("size") => size = field.text().await.unwrap_or_default(),
             Some("image") => image_len = field.bytes().await.map(|b| b.len()).unwrap_or(0),
             _ => {}
         }
@@ -67,7 +68,19 @@ async fn edits(headers: HeaderMap, mut form: Multipart) -> Response {
             "Your request was rejected by the safety system",
         );
     }
-    let img = image::RgbImage::from_pixel(64, 64, image::Rgb([200, 180, 120]));
+    let Some((w, h)) = size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+    else {
+        return error(StatusCode::BAD_REQUEST, "invalid_size", "size must be WxH");
+    };
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            200,
+            u8::try_from(x % 256).unwrap_or(0),
+            u8::try_from(y % 256).unwrap_or(0),
+        ])
+    });
     let jpeg = kiln_assets::encode_jpeg(&img, 90).expect("encode");
     let b64 = base64::engine::general_purpose::STANDARD.encode(jpeg);
     axum::Json(json!({"created": 1_764_000_000, "data": [{"b64_json": b64}], "usage": {"total_tokens": 100}})).into_response()
@@ -97,8 +110,30 @@ async fn chat(headers: HeaderMap, axum::Json(body): axum::Json<Value>) -> Respon
     if user.contains("[slow]") {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
+    if user.contains("[429]") {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            "Rate limit reached",
+        );
+    }
     let message = if user.contains("[refuse]") {
         json!({"role": "assistant", "content": null, "refusal": "I can't help with that."})
+    } else if body["response_format"]["json_schema"]["name"] == "seo_copy" {
+        // Copy as a model writes it: over-long, too few bullets, one tag too long.
+        let spec: Value = user
+            .split_once(": ")
+            .and_then(|(_, j)| serde_json::from_str(j).ok())
+            .unwrap_or_default();
+        let name = spec["name"].as_str().unwrap_or("Unnamed");
+        let copy = json!({
+            "title": format!("{name} — a luminous heirloom ring, hand-finished in the studio for every day and every occasion"),
+            "meta_description": "Hand-finished luminous heirloom jewelry. ".repeat(6),
+            "long_description": format!("The {name} catches the light from every side."),
+            "bullets": ["Hand-finished", "Conflict-free diamond", "Gift box included"],
+            "tags": ["heirloom", "solitaire", "an-extremely-long-tag-that-overflows"]
+        });
+        json!({"role": "assistant", "content": copy.to_string()})
     } else {
         json!({"role": "assistant", "content": "{\"title\":\"Aurora Solitaire\",\"tags\":[\"ring\"]}"})
     };
@@ -149,7 +184,7 @@ async fn image_edits_come_back_tagged_as_ai_generated() {
             .any(|w| w == TRAINED_ALGORITHMIC_MEDIA.as_bytes())
     );
     let img = image::load_from_memory(&jpeg).expect("still a valid JPEG");
-    assert_eq!((img.width(), img.height()), (64, 64));
+    assert_eq!((img.width(), img.height()), (1024, 1024));
 }
 
 #[tokio::test]
@@ -209,4 +244,145 @@ async fn chat_returns_the_schema_json() {
         .await
         .expect("chat");
     assert_eq!(v["title"], "Aurora Solitaire");
+}
+
+fn sample_spec(notes: &str) -> kiln_core::ProductSpec {
+    let mut v: Value = serde_json::from_str(kiln_assets::sample::SPEC_JSON).expect("sample spec");
+    v["notes"] = json!(notes);
+    kiln_core::ProductSpec::from_json(v.to_string().as_bytes()).expect("spec")
+}
+
+fn sample_upload() -> std::sync::Arc<[u8]> {
+    kiln_assets::encode_jpeg(&kiln_assets::sample::ring(1200), 90)
+        .expect("upload")
+        .into()
+}
+
+#[tokio::test]
+async fn the_ai_generator_writes_copy_within_limits_and_adds_a_tagged_scene() {
+    use kiln_assets::{Generator, Role, Step};
+    let generator = Generator::Ai(provider(fake_provider().await, KEY));
+    let steps = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Step>::new()));
+    let seen = steps.clone();
+    let assets = generator
+        .generate(
+            sample_upload(),
+            &sample_spec("Cast in recycled gold."),
+            kiln_core::Kit::Caratzon,
+            std::sync::Arc::new(move |s| seen.lock().expect("lock").push(s)),
+        )
+        .await
+        .expect("kit");
+
+    // Progress counts the studio's 11 steps and the provider's 2, in order.
+    let steps = steps.lock().expect("lock");
+    let done: Vec<u32> = steps.iter().map(|s| s.done).collect();
+    assert_eq!(done, (0..13).collect::<Vec<_>>());
+    assert!(steps.iter().all(|s| s.total == 13));
+    assert_eq!(steps[11].name, "ai copy");
+
+    let scene = assets
+        .iter()
+        .find(|a| a.path == "lifestyle/ai-marble.jpg")
+        .expect("AI scene");
+    assert_eq!(scene.role, Role::LifestyleImage);
+    assert!(
+        scene
+            .bytes
+            .windows(TRAINED_ALGORITHMIC_MEDIA.len())
+            .any(|w| w == TRAINED_ALGORITHMIC_MEDIA.as_bytes()),
+        "the scene must declare trainedAlgorithmicMedia"
+    );
+    let img = image::load_from_memory(&scene.bytes).expect("scene decodes");
+    assert_eq!((img.width(), img.height()), (1024, 1024));
+    assert_eq!((scene.width, scene.height), (Some(1024), Some(1024)));
+    // Catalog photos stay the studio's: no AI tag on the main image.
+    let main = assets
+        .iter()
+        .find(|a| a.role == Role::MainImage)
+        .expect("main");
+    assert!(
+        !main
+            .bytes
+            .windows(TRAINED_ALGORITHMIC_MEDIA.len())
+            .any(|w| w == TRAINED_ALGORITHMIC_MEDIA.as_bytes())
+    );
+
+    let seo: Value = serde_json::from_slice(
+        &assets
+            .iter()
+            .find(|a| a.path == "copy/seo.json")
+            .expect("seo.json")
+            .bytes,
+    )
+    .expect("seo.json parses");
+    let title = seo["title"].as_str().expect("title");
+    assert!(
+        title.starts_with("Aurora Solitaire — a luminous"),
+        "{title}"
+    );
+    assert!(
+        title.chars().count() <= kiln_assets::copy::TITLE_MAX,
+        "{title}"
+    );
+    let meta = seo["meta_description"].as_str().expect("meta");
+    assert!(
+        meta.chars().count() <= 160 && meta.starts_with("Hand-finished"),
+        "{meta}"
+    );
+    let bullets = seo["bullets"].as_array().expect("bullets");
+    assert_eq!(bullets.len(), 5);
+    assert_eq!(bullets[0], "Hand-finished");
+    assert!(
+        seo["tags"]
+            .as_array()
+            .expect("tags")
+            .iter()
+            .all(|t| t.as_str().is_some_and(|t| t.chars().count() <= 20))
+    );
+    let alts = seo["alt_text"].as_array().expect("alt text");
+    assert!(
+        alts.iter().any(|a| a["path"] == "lifestyle/ai-marble.jpg"
+            && a["alt"].as_str().is_some_and(|t| t.chars().count() <= 125)),
+        "{alts:?}"
+    );
+    let md = String::from_utf8(
+        assets
+            .iter()
+            .find(|a| a.path == "copy/seo.md")
+            .expect("seo.md")
+            .bytes
+            .clone(),
+    )
+    .expect("utf-8");
+    assert!(md.contains(title) && md.contains("lifestyle/ai-marble.jpg"));
+    assert!(generator.name().contains("+ai:gpt-4.1-mini/gpt-image-1"));
+}
+
+#[tokio::test]
+async fn the_ai_generator_says_whether_a_failed_kit_can_be_retried() {
+    use kiln_assets::Generator;
+    let base = fake_provider().await;
+    let generate = |key: &'static str, notes: &'static str| {
+        let generator = Generator::Ai(provider(base.clone(), key));
+        async move {
+            generator
+                .generate(
+                    sample_upload(),
+                    &sample_spec(notes),
+                    kiln_core::Kit::Essentials,
+                    std::sync::Arc::new(|_| {}),
+                )
+                .await
+                .expect_err(notes)
+        }
+    };
+    let e = generate(KEY, "[429]").await;
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(e.code(), "provider_unavailable");
+    let e = generate(KEY, "[refuse]").await;
+    assert!(!e.is_retryable(), "{e}");
+    assert_eq!(e.code(), "provider_refused");
+    let e = generate("sk-wrong", "fine").await;
+    assert!(!e.is_retryable(), "{e}");
 }
