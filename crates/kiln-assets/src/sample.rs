@@ -29,20 +29,46 @@ fn hash2(a: f32, b: f32) -> f32 {
     v - v.floor()
 }
 
-/// A ring on a backdrop, `size` x `size` pixels. The ring spans about 60% of the width.
+/// The metal of a sample ring: its shadow and highlight colours.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleMetal {
+    pub dark: [f32; 3],
+    pub light: [f32; 3],
+}
+
+pub const GOLD: SampleMetal = SampleMetal {
+    dark: [150.0, 104.0, 38.0],
+    light: [246.0, 214.0, 140.0],
+};
+
+/// Polished silver: its highlights are as light as the grey backdrop, the hard case for a
+/// cut-out that separates product from background by colour.
+pub const SILVER: SampleMetal = SampleMetal {
+    dark: [96.0, 99.0, 106.0],
+    light: [244.0, 245.0, 248.0],
+};
+
+/// A gold ring on a backdrop, `size` x `size` pixels. The ring spans about 60% of the width.
+pub fn ring(size: u32) -> RgbImage {
+    ring_in(size, GOLD).0
+}
+
+/// A ring in `metal` on the backdrop, and which pixels are the ring (row-major, `true` for
+/// product): the ground truth for cut-out tests.
 #[allow(
     clippy::cast_precision_loss,
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss
 )]
-pub fn ring(size: u32) -> RgbImage {
+pub fn ring_in(size: u32, metal: SampleMetal) -> (RgbImage, Vec<bool>) {
     let s = size as f32;
     let mut grain = Grain(0x9E37_79B9_7F4A_7C15);
     let (cx, cy) = (0.5 * s, 0.60 * s);
     let (rx, ry, thick) = (0.29 * s, 0.12 * s, 0.035 * s);
-    let gold_dark = [150.0, 104.0, 38.0];
-    let gold_light = [246.0, 214.0, 140.0];
-    RgbImage::from_fn(size, size, |x, y| {
+    let (gold_dark, gold_light) = (metal.dark, metal.light);
+    let mut truth = vec![false; (size as usize) * (size as usize)];
+    let img = RgbImage::from_fn(size, size, |x, y| {
+        let mut product = false;
         let (fx, fy) = (x as f32 + 0.5, y as f32 + 0.5);
         // Backdrop: warm grey, a touch lighter at the top, with fine grain.
         let base = 238.0 - 8.0 * (fy / s);
@@ -57,6 +83,7 @@ pub fn ring(size: u32) -> RgbImage {
         let r = (dx * dx + dy * dy).sqrt();
         let inner = 1.0 - thick / rx;
         if r <= 1.0 && r >= inner {
+            product = true;
             let angle = dy.atan2(dx);
             let light = 0.5 + 0.5 * (angle + 2.2).cos();
             let across = ((r - inner) / (1.0 - inner) - 0.5).abs() * 2.0;
@@ -69,6 +96,7 @@ pub fn ring(size: u32) -> RgbImage {
         let crown = (-0.55..=0.0).contains(&uy) && ux.abs() <= 1.0 - 0.45 * (-uy / 0.55);
         let pavilion = uy > 0.0 && uy <= 1.05 && ux.abs() <= 1.0 - uy / 1.05;
         if crown || pavilion {
+            product = true;
             // Facets: wedges fanning from the table's centre on the crown and from the culet on
             // the pavilion, each lit by how it faces the light (upper left), with a few sparks.
             let (angle, band) = if crown {
@@ -94,12 +122,15 @@ pub fn ring(size: u32) -> RgbImage {
                 (fy - (sy + 0.5 * sw)) / (0.55 * sw),
             );
             if qx * qx + qy * qy <= 1.0 {
+                product = true;
                 c = mix(gold_dark, gold_light, 0.6);
             }
         }
+        truth[(y as usize) * (size as usize) + x as usize] = product;
         let g = grain.next() as f32;
         Rgb(c.map(|v| (v + g).round().clamp(0.0, 255.0) as u8))
-    })
+    });
+    (img, truth)
 }
 
 /// The sample's product spec.
