@@ -113,6 +113,15 @@ impl Kit {
             Kit::Caratzon => Action::CaratzonKit,
         }
     }
+
+    /// The apalis queue its jobs run on: explicit names, so renaming a Rust type never orphans
+    /// queued work, and separate queues, so heavy kits never starve light ones.
+    pub const fn queue(self) -> &'static str {
+        match self {
+            Kit::Essentials => "kits.essentials",
+            Kit::Caratzon => "kits.caratzon",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -130,11 +130,21 @@ impl Db {
                 let mut m = sqlx::migrate!("../../migrations/postgres");
                 m.dangerous_set_table_name("kiln_migrations");
                 m.run(pool).await?;
+                // apalis's task tables (schema `apalis`, history in apalis._sqlx_migrations).
+                sqlx::query("CREATE EXTENSION IF NOT EXISTS hstore")
+                    .execute(pool)
+                    .await?;
+                apalis_postgres::PostgresStorage::migrations()
+                    .run(pool)
+                    .await?;
             }
             Db::Sqlite(pool) => {
                 let mut m = sqlx::migrate!("../../migrations/sqlite");
                 m.dangerous_set_table_name("kiln_migrations");
                 m.run(pool).await?;
+                // apalis's task tables, with their history in sqlx's default table. Not
+                // `SqliteStorage::setup`: it would switch the file to `synchronous=OFF`.
+                apalis_sqlite::SqliteStorage::migrations().run(pool).await?;
             }
         }
         Ok(())

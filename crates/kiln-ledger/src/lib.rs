@@ -6,6 +6,7 @@
 mod audit;
 mod db;
 mod error;
+pub mod jobs;
 mod ops;
 pub mod plan;
 mod types;

@@ -1,0 +1,805 @@
+//! Kit jobs and their charges. A job is created with its reservation and its apalis task in one
+//! transaction (`enqueue`); a worker `claim`s it (bumping the fencing token), reports
+//! `progress`, and ends it with `succeed` (job succeeded + reservation committed) or `fail`
+//! (job failed + reservation released), each one transaction that only the holder of the
+//! current fencing token can complete. `reconcile` repairs what a crash can leave behind.
+//!
+//! The apalis task table is the execution engine only: tasks are pushed here (inside the
+//! caller's transaction) and pruned; `kit_jobs` keeps the history users poll.
+
+use kiln_core::{AccountId, Credits, Kit, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use crate::db::{Tx, on_tx};
+use crate::ops::{self, Ctx};
+use crate::{LedgerError, ReservationId, ReservationState};
+
+type Result<T> = std::result::Result<T, LedgerError>;
+
+/// What an apalis task carries: only the job's id; everything else is read from `kit_jobs`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KitTask {
+    pub job: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        [
+            JobStatus::Queued,
+            JobStatus::Running,
+            JobStatus::Succeeded,
+            JobStatus::Failed,
+            JobStatus::Cancelled,
+        ]
+        .into_iter()
+        .find(|j| j.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The charge behind a job, as users see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Charge {
+    Held,
+    Committed,
+    Released,
+    Exempt,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub step: Option<String>,
+    pub done: u32,
+    pub total: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+}
+
+/// A kit job as stored. `view()` gives the JSON of the interface contract.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KitJob {
+    pub id: String,
+    pub account_id: AccountId,
+    pub idempotency_key: String,
+    pub kit: Kit,
+    pub status: JobStatus,
+    pub reservation_id: ReservationId,
+    pub reservation_state: ReservationState,
+    pub exempt: bool,
+    pub upload_key: String,
+    pub spec: String,
+    pub cost: Credits,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub fence: i64,
+    pub worker: Option<String>,
+    pub task_id: String,
+    pub progress: Progress,
+    pub run_at: Timestamp,
+    pub created_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub updated_at: Timestamp,
+    pub error: Option<JobError>,
+    pub manifest_key: Option<String>,
+}
+
+/// The job JSON of DESIGN.md §6.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub kit: Kit,
+    pub status: JobStatus,
+    pub progress: Progress,
+    pub attempts: u32,
+    pub cost: Credits,
+    pub charge: Charge,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub error: Option<JobError>,
+}
+
+impl KitJob {
+    pub fn charge(&self) -> Charge {
+        match (self.exempt, self.reservation_state) {
+            (true, _) => Charge::Exempt,
+            (false, ReservationState::Held) => Charge::Held,
+            (false, ReservationState::Committed) => Charge::Committed,
+            (false, ReservationState::Released) => Charge::Released,
+        }
+    }
+
+    pub fn view(&self) -> JobView {
+        JobView {
+            id: self.id.clone(),
+            kit: self.kit,
+            status: self.status,
+            progress: self.progress.clone(),
+            attempts: self.attempts,
+            cost: self.cost,
+            charge: self.charge(),
+            created_at: self.created_at.rfc3339(),
+            started_at: self.started_at.map(|t| t.rfc3339()),
+            finished_at: self.finished_at.map(|t| t.rfc3339()),
+            error: self.error.clone(),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    id: String,
+    account_id: String,
+    idempotency_key: String,
+    kit: String,
+    status: String,
+    reservation_id: i64,
+    upload_key: String,
+    spec: String,
+    cost: i64,
+    attempts: i32,
+    max_attempts: i32,
+    fence: i64,
+    worker: Option<String>,
+    task_id: String,
+    step: Option<String>,
+    steps_done: i32,
+    steps_total: i32,
+    run_at_ms: i64,
+    created_at_ms: i64,
+    started_at_ms: Option<i64>,
+    finished_at_ms: Option<i64>,
+    updated_at_ms: i64,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    manifest_key: Option<String>,
+    charge_state: String,
+    exempt: bool,
+}
+
+fn corrupt(what: &str, v: &str) -> LedgerError {
+    LedgerError::Corrupt(format!("kit_jobs.{what} holds {v:?}"))
+}
+
+fn count(v: i32) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+impl TryFrom<JobRow> for KitJob {
+    type Error = LedgerError;
+
+    fn try_from(r: JobRow) -> Result<KitJob> {
+        Ok(KitJob {
+            account_id: r
+                .account_id
+                .parse()
+                .map_err(|_| corrupt("account_id", &r.account_id))?,
+            kit: r.kit.parse().map_err(|_| corrupt("kit", &r.kit))?,
+            status: JobStatus::parse(&r.status).ok_or_else(|| corrupt("status", &r.status))?,
+            reservation_id: ReservationId(r.reservation_id),
+            reservation_state: match r.charge_state.as_str() {
+                "held" => ReservationState::Held,
+                "committed" => ReservationState::Committed,
+                "released" => ReservationState::Released,
+                other => return Err(corrupt("charge", other)),
+            },
+            exempt: r.exempt,
+            cost: Credits::new(i128::from(r.cost))
+                .map_err(|_| corrupt("cost", &r.cost.to_string()))?,
+            attempts: count(r.attempts),
+            max_attempts: count(r.max_attempts),
+            fence: r.fence,
+            progress: Progress {
+                step: r.step,
+                done: count(r.steps_done),
+                total: count(r.steps_total),
+            },
+            run_at: Timestamp::from_millis(r.run_at_ms),
+            created_at: Timestamp::from_millis(r.created_at_ms),
+            started_at: r.started_at_ms.map(Timestamp::from_millis),
+            finished_at: r.finished_at_ms.map(Timestamp::from_millis),
+            updated_at: Timestamp::from_millis(r.updated_at_ms),
+            error: r.error_code.map(|code| JobError {
+                code,
+                message: r.error_message.unwrap_or_default(),
+            }),
+            id: r.id,
+            idempotency_key: r.idempotency_key,
+            upload_key: r.upload_key,
+            spec: r.spec,
+            worker: r.worker,
+            task_id: r.task_id,
+            manifest_key: r.manifest_key,
+        })
+    }
+}
+
+const SELECT_JOB: &str = "SELECT j.*, r.state AS charge_state, r.exempt FROM kit_jobs j \
+     JOIN reservations r ON r.id = j.reservation_id";
+
+pub async fn job(tx: &mut Tx, id: &str) -> Result<Option<KitJob>> {
+    let sql = format!("{SELECT_JOB} WHERE j.id = $1");
+    let row: Option<JobRow> = on_tx!(tx, c => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+        .bind(id)
+        .fetch_optional(&mut **c)
+        .await?);
+    row.map(KitJob::try_from).transpose()
+}
+
+async fn job_by_key(tx: &mut Tx, account: AccountId, key: &str) -> Result<Option<KitJob>> {
+    let sql = format!("{SELECT_JOB} WHERE j.account_id = $1 AND j.idempotency_key = $2");
+    let row: Option<JobRow> = on_tx!(tx, c => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+        .bind(account.to_string())
+        .bind(key)
+        .fetch_optional(&mut **c)
+        .await?);
+    row.map(KitJob::try_from).transpose()
+}
+
+/// An account's jobs, newest first; `before` pages by job id (ULIDs sort by creation).
+pub async fn jobs(
+    tx: &mut Tx,
+    account: AccountId,
+    status: Option<JobStatus>,
+    before: Option<&str>,
+    limit: u32,
+) -> Result<Vec<KitJob>> {
+    let sql = format!(
+        "{SELECT_JOB} WHERE j.account_id = $1 AND ($2 IS NULL OR j.status = $2) \
+         AND ($3 IS NULL OR j.id < $3) ORDER BY j.id DESC LIMIT $4"
+    );
+    let rows: Vec<JobRow> = on_tx!(tx, c => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+        .bind(account.to_string())
+        .bind(status.map(JobStatus::as_str))
+        .bind(before)
+        .bind(i64::from(limit.min(500)))
+        .fetch_all(&mut **c)
+        .await?);
+    rows.into_iter().map(KitJob::try_from).collect()
+}
+
+/// What the producer asks for.
+#[derive(Clone, Debug)]
+pub struct NewJob<'a> {
+    pub account: AccountId,
+    pub kit: Kit,
+    pub idempotency_key: &'a str,
+    pub upload_key: &'a str,
+    pub spec: &'a str,
+    pub max_attempts: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Enqueued {
+    pub job: KitJob,
+    /// The idempotency key had been used for this same request: nothing new was reserved.
+    pub replayed: bool,
+}
+
+/// Reserves the kit's credits, inserts the job and pushes its apalis task, all in `tx`.
+/// A replayed idempotency key returns the existing job; the same key for a different request
+/// is a conflict.
+pub async fn enqueue(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewJob<'_>) -> Result<Enqueued> {
+    if let Some(job) = job_by_key(tx, new.account, new.idempotency_key).await? {
+        if job.kit != new.kit || job.upload_key != new.upload_key || job.spec != new.spec {
+            return Err(LedgerError::IdempotencyConflict {
+                key: new.idempotency_key.to_owned(),
+                existing: format!("{} job {} for another design or spec", job.kit, job.id),
+            });
+        }
+        return Ok(Enqueued {
+            job,
+            replayed: true,
+        });
+    }
+    let reservation = ops::reserve(
+        tx,
+        ctx,
+        new.account,
+        new.kit.action(),
+        &format!("kit:{}", new.idempotency_key),
+    )
+    .await?;
+    let id = ulid::Ulid::generate().to_string();
+    let task = ulid::Ulid::generate().to_string();
+    on_tx!(tx, c => { sqlx::query(
+        "INSERT INTO kit_jobs (id, account_id, idempotency_key, kit, status, reservation_id, \
+         upload_key, spec, cost, max_attempts, task_id, run_at_ms, created_at_ms, updated_at_ms) \
+         VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $11, $11)",
+    )
+    .bind(&id)
+    .bind(new.account.to_string())
+    .bind(new.idempotency_key)
+    .bind(new.kit.as_str())
+    .bind(reservation.id.0)
+    .bind(new.upload_key)
+    .bind(new.spec)
+    .bind(reservation.list_price.as_i64())
+    .bind(i32::try_from(new.max_attempts.max(1)).unwrap_or(i32::MAX))
+    .bind(&task)
+    .bind(ctx.now.millis())
+    .execute(&mut **c)
+    .await?; });
+    push_task(tx, new.kit, &task, &id, ctx.now).await?;
+    let job = job(tx, &id)
+        .await?
+        .ok_or_else(|| LedgerError::Corrupt(format!("job {id} vanished")))?;
+    Ok(Enqueued {
+        job,
+        replayed: false,
+    })
+}
+
+/// How many times apalis may deliver one task (crash recoveries); kiln's own retries push a
+/// new task each, so this only bounds a task that keeps killing its worker.
+pub const TASK_DELIVERIES: usize = 3;
+
+/// Pushes the apalis task that runs `job` at `run_at` (whole seconds, as apalis stores them),
+/// and on PostgreSQL notifies listening workers when the transaction commits.
+pub async fn push_task(
+    tx: &mut Tx,
+    kit: Kit,
+    task: &str,
+    job: &str,
+    run_at: Timestamp,
+) -> Result<()> {
+    use apalis_core::task::builder::TaskBuilder;
+    let payload = serde_json::to_vec(&KitTask {
+        job: job.to_owned(),
+    })
+    .map_err(|e| LedgerError::Corrupt(format!("task payload: {e}")))?;
+    let id: apalis_core::task::task_id::TaskId = task
+        .parse()
+        .map_err(|_| LedgerError::Corrupt(format!("task id {task:?} is not a ULID")))?;
+    let secs = u64::try_from(run_at.millis().div_euclid(1000)).unwrap_or(0);
+    let t = TaskBuilder::new(payload)
+        .task_id(id)
+        .run_at_timestamp(secs)
+        .max_attempts(TASK_DELIVERIES)
+        .build();
+    let queue = kit.queue();
+    match tx {
+        Tx::Postgres(c) => {
+            apalis_postgres::queries::push_tasks(&mut **c, queue, vec![t])
+                .await
+                .map_err(|e| LedgerError::Queue(e.to_string()))?;
+            // apalis's insert trigger only notifies when run_at <= the transaction's start
+            // time; say it ourselves (delivered at commit, dropped on rollback).
+            sqlx::query("SELECT pg_notify('apalis::job::insert', json_build_object('job_type', $1::text, 'id', $2::text)::text)")
+                .bind(queue)
+                .bind(task)
+                .execute(&mut **c)
+                .await?;
+        }
+        Tx::Sqlite(c) => {
+            apalis_sqlite::queries::push_tasks(&mut **c, queue, &[t])
+                .await
+                .map_err(|e| LedgerError::Queue(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// What a worker may do with a delivered task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Run the job; finish it with this fencing token.
+    Run { job: KitJob, fence: i64 },
+    /// Nothing to do: the job has already ended (or the task is an old one).
+    Finished(JobStatus),
+    /// The job ran out of attempts: it has been failed and its credits released.
+    GaveUp(KitJob),
+}
+
+/// Takes the job for `worker`: running, attempts + 1, a new fencing token. A delivery of a
+/// task the job no longer runs on (`task` differs) is refused, so a superseded task cannot
+/// start a second run.
+pub async fn claim(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    id: &str,
+    task: &str,
+    worker: &str,
+) -> Result<Claim> {
+    let Some(current) = job(tx, id).await? else {
+        return Ok(Claim::Finished(JobStatus::Failed));
+    };
+    if current.status.is_terminal() || current.task_id != task {
+        return Ok(Claim::Finished(current.status));
+    }
+    if current.attempts >= current.max_attempts {
+        let fence = current.fence;
+        finish_failed(
+            tx,
+            ctx,
+            id,
+            fence,
+            "attempts_exhausted",
+            &format!(
+                "the job was started {} times without finishing (the worker crashed or was stopped each time)",
+                current.attempts
+            ),
+        )
+        .await?;
+        let job = job(tx, id).await?.ok_or_else(|| vanished(id))?;
+        return Ok(Claim::GaveUp(job));
+    }
+    let fence: Option<i64> = on_tx!(tx, c => sqlx::query_scalar(
+        "UPDATE kit_jobs SET status = 'running', attempts = attempts + 1, fence = fence + 1, \
+         worker = $2, started_at_ms = COALESCE(started_at_ms, $3), updated_at_ms = $3 \
+         WHERE id = $1 AND status IN ('queued', 'running') AND fence = $4 RETURNING fence",
+    )
+    .bind(id)
+    .bind(worker)
+    .bind(ctx.now.millis())
+    .bind(current.fence)
+    .fetch_optional(&mut **c)
+    .await?);
+    let Some(fence) = fence else {
+        // Someone else claimed it between our read and write: they own it now.
+        return Ok(Claim::Finished(JobStatus::Running));
+    };
+    let job = job(tx, id).await?.ok_or_else(|| vanished(id))?;
+    Ok(Claim::Run { job, fence })
+}
+
+fn vanished(id: &str) -> LedgerError {
+    LedgerError::Corrupt(format!("job {id} vanished"))
+}
+
+/// Records progress; `false` if `fence` is no longer current (a newer attempt owns the job).
+pub async fn progress(
+    tx: &mut Tx,
+    now: Timestamp,
+    id: &str,
+    fence: i64,
+    p: &Progress,
+) -> Result<bool> {
+    let n = on_tx!(tx, c => sqlx::query(
+        "UPDATE kit_jobs SET step = $3, steps_done = $4, steps_total = $5, updated_at_ms = $6 \
+         WHERE id = $1 AND fence = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(fence)
+    .bind(p.step.as_deref())
+    .bind(i32::try_from(p.done).unwrap_or(i32::MAX))
+    .bind(i32::try_from(p.total).unwrap_or(i32::MAX))
+    .bind(now.millis())
+    .execute(&mut **c)
+    .await?
+    .rows_affected());
+    Ok(n == 1)
+}
+
+/// Job succeeded + reservation committed. `false` (and nothing written) if `fence` is stale.
+pub async fn succeed(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    id: &str,
+    fence: i64,
+    manifest_key: &str,
+) -> Result<bool> {
+    let reservation: Option<i64> = on_tx!(tx, c => sqlx::query_scalar(
+        "UPDATE kit_jobs SET status = 'succeeded', finished_at_ms = $3, updated_at_ms = $3, \
+         manifest_key = $4, step = NULL, steps_done = steps_total, error_code = NULL, error_message = NULL \
+         WHERE id = $1 AND fence = $2 AND status = 'running' RETURNING reservation_id",
+    )
+    .bind(id)
+    .bind(fence)
+    .bind(ctx.now.millis())
+    .bind(manifest_key)
+    .fetch_optional(&mut **c)
+    .await?);
+    let Some(r) = reservation else {
+        return Ok(false);
+    };
+    ops::commit(tx, ctx, ReservationId(r)).await?;
+    Ok(true)
+}
+
+/// Job failed + reservation released. `false` if `fence` is stale or the job already ended.
+pub async fn fail(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    id: &str,
+    fence: i64,
+    code: &str,
+    message: &str,
+) -> Result<bool> {
+    finish_failed(tx, ctx, id, fence, code, message).await
+}
+
+async fn finish_failed(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    id: &str,
+    fence: i64,
+    code: &str,
+    message: &str,
+) -> Result<bool> {
+    let reservation: Option<i64> = on_tx!(tx, c => sqlx::query_scalar(
+        "UPDATE kit_jobs SET status = 'failed', finished_at_ms = $3, updated_at_ms = $3, \
+         error_code = $4, error_message = $5 \
+         WHERE id = $1 AND fence = $2 AND status IN ('queued', 'running') RETURNING reservation_id",
+    )
+    .bind(id)
+    .bind(fence)
+    .bind(ctx.now.millis())
+    .bind(code)
+    .bind(message)
+    .fetch_optional(&mut **c)
+    .await?);
+    let Some(r) = reservation else {
+        return Ok(false);
+    };
+    ops::release(tx, ctx, ReservationId(r)).await?;
+    Ok(true)
+}
+
+/// Hands the job back to the queue to run again at `run_at` on a new task (kiln's own backoff:
+/// apalis would retry at once). `false` if `fence` is stale.
+pub async fn retry_later(
+    tx: &mut Tx,
+    now: Timestamp,
+    id: &str,
+    fence: i64,
+    run_at: Timestamp,
+    code: &str,
+    message: &str,
+) -> Result<bool> {
+    let task = ulid::Ulid::generate().to_string();
+    let kit: Option<String> = on_tx!(tx, c => sqlx::query_scalar(
+        "UPDATE kit_jobs SET status = 'queued', task_id = $3, run_at_ms = $4, updated_at_ms = $5, \
+         error_code = $6, error_message = $7, worker = NULL \
+         WHERE id = $1 AND fence = $2 AND status = 'running' RETURNING kit",
+    )
+    .bind(id)
+    .bind(fence)
+    .bind(&task)
+    .bind(run_at.millis())
+    .bind(now.millis())
+    .bind(code)
+    .bind(message)
+    .fetch_optional(&mut **c)
+    .await?);
+    let Some(kit) = kit else {
+        return Ok(false);
+    };
+    let kit: Kit = kit.parse().map_err(|_| corrupt("kit", &kit))?;
+    push_task(tx, kit, &task, id, run_at).await?;
+    Ok(true)
+}
+
+/// Cancels a queued job of `account`'s and releases its credits. Any other status is
+/// `JobNotCancellable`; another account's job is `JobNotFound`.
+pub async fn cancel(tx: &mut Tx, ctx: &Ctx<'_>, account: AccountId, id: &str) -> Result<KitJob> {
+    let found = job(tx, id)
+        .await?
+        .filter(|j| j.account_id == account)
+        .ok_or_else(|| LedgerError::JobNotFound(id.to_owned()))?;
+    let reservation: Option<i64> = on_tx!(tx, c => sqlx::query_scalar(
+        "UPDATE kit_jobs SET status = 'cancelled', finished_at_ms = $2, updated_at_ms = $2 \
+         WHERE id = $1 AND status = 'queued' RETURNING reservation_id",
+    )
+    .bind(id)
+    .bind(ctx.now.millis())
+    .fetch_optional(&mut **c)
+    .await?);
+    let Some(r) = reservation else {
+        return Err(LedgerError::JobNotCancellable {
+            id: id.to_owned(),
+            status: found.status,
+        });
+    };
+    ops::release(tx, ctx, ReservationId(r)).await?;
+    job(tx, id).await?.ok_or_else(|| vanished(id))
+}
+
+/// Queue depth and the age of the oldest waiting job, per kit: cheap to read for autoscalers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    pub queue: &'static str,
+    pub queued: u64,
+    pub running: u64,
+    pub oldest_queued_ms: Option<i64>,
+}
+
+pub async fn queue_stats(tx: &mut Tx, now: Timestamp) -> Result<Vec<QueueStats>> {
+    let mut out = Vec::new();
+    for kit in [Kit::Essentials, Kit::Caratzon] {
+        let (queued, running, oldest): (i64, i64, Option<i64>) = on_tx!(tx, c => sqlx::query_as(
+            "SELECT COALESCE(SUM(CASE WHEN status = 'queued' THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END), 0), \
+             MIN(CASE WHEN status = 'queued' THEN run_at_ms END) \
+             FROM kit_jobs WHERE kit = $1 AND status IN ('queued', 'running')",
+        )
+        .bind(kit.as_str())
+        .fetch_one(&mut **c)
+        .await?);
+        out.push(QueueStats {
+            queue: kit.queue(),
+            queued: u64::try_from(queued).unwrap_or(0),
+            running: u64::try_from(running).unwrap_or(0),
+            oldest_queued_ms: oldest.map(|t| (now.millis() - t).max(0)),
+        });
+    }
+    Ok(out)
+}
+
+/// What one reconciler pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Reconciled {
+    /// Held reservations of ended jobs, committed or released to match.
+    pub charges_resolved: u32,
+    /// Open jobs whose task had ended or vanished, given a new task.
+    pub requeued: u32,
+    /// Open jobs whose task had ended or vanished with no attempts left, failed and released.
+    pub failed: u32,
+}
+
+/// Repairs what a crash can leave: a reservation still held for an ended job, and an open job
+/// whose apalis task is gone or finished (pruned, killed, or marked done by a stale attempt)
+/// and that nobody has touched for `stale_ms`.
+pub async fn reconcile(tx: &mut Tx, ctx: &Ctx<'_>, stale_ms: i64) -> Result<Reconciled> {
+    let mut out = Reconciled::default();
+    let held: Vec<(i64, String)> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT r.id, j.status FROM kit_jobs j JOIN reservations r ON r.id = j.reservation_id \
+         WHERE r.state = 'held' AND j.status IN ('succeeded', 'failed', 'cancelled')",
+    )
+    .fetch_all(&mut **c)
+    .await?);
+    for (r, status) in held {
+        if status == "succeeded" {
+            ops::commit(tx, ctx, ReservationId(r)).await?;
+        } else {
+            ops::release(tx, ctx, ReservationId(r)).await?;
+        }
+        out.charges_resolved += 1;
+    }
+    let live = match tx {
+        Tx::Postgres(_) => {
+            "SELECT j.id, j.fence, j.attempts, j.max_attempts FROM kit_jobs j \
+             LEFT JOIN apalis.jobs t ON t.id = j.task_id \
+             WHERE j.status IN ('queued', 'running') AND j.updated_at_ms < $1 \
+             AND (t.id IS NULL OR t.status NOT IN ('Pending', 'Queued', 'Running'))"
+        }
+        Tx::Sqlite(_) => {
+            "SELECT j.id, j.fence, j.attempts, j.max_attempts FROM kit_jobs j \
+             LEFT JOIN Jobs t ON t.id = j.task_id \
+             WHERE j.status IN ('queued', 'running') AND j.updated_at_ms < $1 \
+             AND (t.id IS NULL OR t.status NOT IN ('Pending', 'Queued', 'Running'))"
+        }
+    };
+    let orphans: Vec<(String, i64, i32, i32)> = on_tx!(tx, c => sqlx::query_as(live)
+        .bind(ctx.now.millis() - stale_ms)
+        .fetch_all(&mut **c)
+        .await?);
+    for (id, fence, attempts, max) in orphans {
+        if attempts >= max {
+            if finish_failed(
+                tx,
+                ctx,
+                &id,
+                fence,
+                "attempts_exhausted",
+                "the job's worker stopped and no attempts are left",
+            )
+            .await?
+            {
+                out.failed += 1;
+            }
+            continue;
+        }
+        // Back to queued on a fresh task; a new fencing token shuts out any straggler.
+        let task = ulid::Ulid::generate().to_string();
+        let kit: Option<String> = on_tx!(tx, c => sqlx::query_scalar(
+            "UPDATE kit_jobs SET status = 'queued', task_id = $3, fence = fence + 1, worker = NULL, \
+             run_at_ms = $4, updated_at_ms = $4 WHERE id = $1 AND fence = $2 \
+             AND status IN ('queued', 'running') RETURNING kit",
+        )
+        .bind(&id)
+        .bind(fence)
+        .bind(&task)
+        .bind(ctx.now.millis())
+        .fetch_optional(&mut **c)
+        .await?);
+        if let Some(kit) = kit {
+            let kit: Kit = kit.parse().map_err(|_| corrupt("kit", &kit))?;
+            push_task(tx, kit, &task, &id, ctx.now).await?;
+            out.requeued += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes finished apalis tasks older than `older_than_ms` (kit_jobs keeps the history).
+pub async fn prune_tasks(tx: &mut Tx, now: Timestamp, older_than_ms: i64) -> Result<u64> {
+    let cutoff_secs = (now.millis() - older_than_ms).div_euclid(1000);
+    let n = match tx {
+        Tx::Postgres(c) => sqlx::query(
+            "DELETE FROM apalis.jobs WHERE status IN ('Done', 'Failed', 'Killed') \
+             AND done_at IS NOT NULL AND done_at < to_timestamp($1)",
+        )
+        .bind(cutoff_secs)
+        .execute(&mut **c)
+        .await?
+        .rows_affected(),
+        Tx::Sqlite(c) => sqlx::query(
+            "DELETE FROM Jobs WHERE status IN ('Done', 'Failed', 'Killed') \
+             AND done_at IS NOT NULL AND done_at < $1",
+        )
+        .bind(cutoff_secs)
+        .execute(&mut **c)
+        .await?
+        .rows_affected(),
+    };
+    Ok(n)
+}
+
+/// Every job's status against its charge: ended jobs must have resolved charges that match
+/// (succeeded = committed; failed or cancelled = released), open jobs must still hold theirs,
+/// and every kit reservation must belong to a job.
+pub async fn check_charges(tx: &mut Tx) -> Result<Vec<String>> {
+    let rows: Vec<(String, String, String)> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT j.id, j.status, r.state FROM kit_jobs j JOIN reservations r ON r.id = j.reservation_id \
+         WHERE NOT ((j.status = 'succeeded' AND r.state = 'committed') \
+           OR (j.status IN ('failed', 'cancelled') AND r.state = 'released') \
+           OR (j.status IN ('queued', 'running') AND r.state = 'held'))",
+    )
+    .fetch_all(&mut **c)
+    .await?);
+    let mut out: Vec<String> = rows
+        .into_iter()
+        .map(|(id, status, state)| format!("job {id} is {status} but its charge is {state}"))
+        .collect();
+    let lonely: Vec<i64> = on_tx!(tx, c => sqlx::query_scalar(
+        "SELECT r.id FROM reservations r LEFT JOIN kit_jobs j ON j.reservation_id = r.id \
+         WHERE r.idempotency_key LIKE 'kit:%' AND j.id IS NULL",
+    )
+    .fetch_all(&mut **c)
+    .await?);
+    out.extend(
+        lonely
+            .into_iter()
+            .map(|r| format!("kit reservation {r} has no job")),
+    );
+    Ok(out)
+}
