@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export KILN_TEST_PG_URL ?= postgres://postgres:postgres@127.0.0.1:5432/postgres
 
-.PHONY: demo test services build lint bench clean-test-dbs
+.PHONY: demo test services build lint bench fuzz clean-test-dbs
 
 ## Run the embedded default end to end (SQLite + a local directory, no servers).
 demo:
@@ -43,3 +43,8 @@ lint:
 ## Benchmarks (release build; not part of the tests). Results go in docs/BENCHMARKS.md.
 bench: services
 	scripts/bench.sh
+
+## Fuzz upload decoding and spec parsing (cargo-fuzz, installed when missing); FUZZ_SECONDS per
+## target, default 60. Not part of `make test`.
+fuzz:
+	scripts/fuzz.sh
