@@ -202,5 +202,10 @@ pub async fn audit(tx: &mut Tx, account: Option<AccountId>) -> Result<Vec<Breach
             );
         }
     }
+    let jobs = crate::jobs::check_charges(tx).await?;
+    out.extend(
+        jobs.into_iter()
+            .filter(|b| account.is_none_or(|a| b.account_id == a.to_string())),
+    );
     Ok(out)
 }

@@ -776,30 +776,33 @@ pub async fn prune_tasks(tx: &mut Tx, now: Timestamp, older_than_ms: i64) -> Res
 
 /// Every job's status against its charge: ended jobs must have resolved charges that match
 /// (succeeded = committed; failed or cancelled = released), open jobs must still hold theirs,
-/// and every kit reservation must belong to a job.
-pub async fn check_charges(tx: &mut Tx) -> Result<Vec<String>> {
-    let rows: Vec<(String, String, String)> = on_tx!(tx, c => sqlx::query_as(
-        "SELECT j.id, j.status, r.state FROM kit_jobs j JOIN reservations r ON r.id = j.reservation_id \
+/// and every kit reservation must belong to a job. Part of `audit`.
+pub async fn check_charges(tx: &mut Tx) -> Result<Vec<crate::Breach>> {
+    let rows: Vec<(String, String, String, String)> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT j.account_id, j.id, j.status, r.state FROM kit_jobs j \
+         JOIN reservations r ON r.id = j.reservation_id \
          WHERE NOT ((j.status = 'succeeded' AND r.state = 'committed') \
            OR (j.status IN ('failed', 'cancelled') AND r.state = 'released') \
            OR (j.status IN ('queued', 'running') AND r.state = 'held'))",
     )
     .fetch_all(&mut **c)
     .await?);
-    let mut out: Vec<String> = rows
+    let mut out: Vec<crate::Breach> = rows
         .into_iter()
-        .map(|(id, status, state)| format!("job {id} is {status} but its charge is {state}"))
+        .map(|(account_id, id, status, state)| crate::Breach {
+            account_id,
+            what: format!("job {id} is {status} but its charge is {state}"),
+        })
         .collect();
-    let lonely: Vec<i64> = on_tx!(tx, c => sqlx::query_scalar(
-        "SELECT r.id FROM reservations r LEFT JOIN kit_jobs j ON j.reservation_id = r.id \
+    let lonely: Vec<(String, i64)> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT r.account_id, r.id FROM reservations r LEFT JOIN kit_jobs j ON j.reservation_id = r.id \
          WHERE r.idempotency_key LIKE 'kit:%' AND j.id IS NULL",
     )
     .fetch_all(&mut **c)
     .await?);
-    out.extend(
-        lonely
-            .into_iter()
-            .map(|r| format!("kit reservation {r} has no job")),
-    );
+    out.extend(lonely.into_iter().map(|(account_id, r)| crate::Breach {
+        account_id,
+        what: format!("kit reservation {r} has no job"),
+    }));
     Ok(out)
 }
