@@ -509,6 +509,19 @@ pub async fn progress(
     Ok(n == 1)
 }
 
+/// Whether `fence` still owns the running job (checked before each write to storage, so a
+/// superseded attempt stops publishing as soon as it can tell).
+pub async fn owns(tx: &mut Tx, id: &str, fence: i64) -> Result<bool> {
+    let n: i64 = on_tx!(tx, c => sqlx::query_scalar(
+        "SELECT COUNT(*) FROM kit_jobs WHERE id = $1 AND fence = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(fence)
+    .fetch_one(&mut **c)
+    .await?);
+    Ok(n == 1)
+}
+
 /// Job succeeded + reservation committed. `false` (and nothing written) if `fence` is stale.
 pub async fn succeed(
     tx: &mut Tx,

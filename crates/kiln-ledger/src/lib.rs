@@ -9,6 +9,8 @@ mod error;
 pub mod jobs;
 mod ops;
 pub mod plan;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod types;
 
 use std::sync::Arc;

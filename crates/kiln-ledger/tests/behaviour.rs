@@ -2,6 +2,8 @@
 
 mod common;
 
+use kiln_ledger::backends;
+
 use common::{DAY, Harness};
 use kiln_ledger::{
     AccountId, Action, Backend, CreditKind, Credits, EntryType, LedgerError, NewAccount, PlanId,

@@ -3,6 +3,8 @@
 
 mod common;
 
+use kiln_ledger::backends;
+
 use std::sync::Arc;
 
 use common::Harness;

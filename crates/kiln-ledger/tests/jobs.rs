@@ -4,6 +4,8 @@
 
 mod common;
 
+use kiln_ledger::backends;
+
 use common::{DAY, Harness};
 use kiln_core::Kit;
 use kiln_ledger::jobs::{self, Charge, Claim, JobStatus, KitTask, NewJob, Progress};

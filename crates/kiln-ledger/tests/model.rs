@@ -8,6 +8,8 @@
 
 mod common;
 
+use kiln_ledger::backends;
+
 use std::collections::HashMap;
 
 use common::{DAY, HOUR, Harness};

@@ -4,102 +4,9 @@
 
 use std::sync::Arc;
 
-use kiln_ledger::{Backend, Db, DbOptions, Ledger, ManualClock, Pricing, Timestamp};
+use kiln_ledger::{Backend, Ledger, ManualClock, Pricing, Timestamp};
 
-/// The PostgreSQL server the tests create their databases on (`make test` starts it).
-pub fn pg_admin_url() -> String {
-    std::env::var("KILN_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// A database that exists for one test and is removed when dropped, even after a panic.
-#[derive(Debug)]
-pub struct TestDb {
-    pub db: Db,
-    pub url: String,
-    cleanup: Cleanup,
-}
-
-#[derive(Debug)]
-enum Cleanup {
-    Postgres(String),
-    Sqlite(std::path::PathBuf),
-}
-
-impl TestDb {
-    pub async fn new(backend: Backend, max_connections: u32) -> TestDb {
-        let tag = ulid::Ulid::generate().to_string().to_lowercase();
-        let opts = DbOptions {
-            max_connections,
-            ..DbOptions::default()
-        };
-        let (url, cleanup) = match backend {
-            Backend::Postgres => {
-                let name = format!("kiln_test_{tag}");
-                let admin = Db::connect(&pg_admin_url()).await.unwrap_or_else(|e| {
-                    panic!(
-                        "PostgreSQL is not reachable at {} ({e}); run `make test`",
-                        pg_admin_url()
-                    )
-                });
-                if let Db::Postgres(pool) = &admin {
-                    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                        .execute(pool)
-                        .await
-                        .expect("create test database");
-                }
-                admin.close().await;
-                let base = pg_admin_url();
-                let root = base
-                    .rsplit_once('/')
-                    .map_or(base.as_str(), |(root, _)| root);
-                (format!("{root}/{name}"), Cleanup::Postgres(name))
-            }
-            Backend::Sqlite => {
-                let dir = std::env::temp_dir().join(format!("kiln-test-{tag}"));
-                (
-                    format!("sqlite://{}/kiln.db", dir.display()),
-                    Cleanup::Sqlite(dir),
-                )
-            }
-        };
-        let db = Db::connect_with(&url, &opts)
-            .await
-            .expect("connect to test database");
-        db.migrate().await.expect("migrate test database");
-        TestDb { db, url, cleanup }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        match &self.cleanup {
-            Cleanup::Sqlite(dir) => {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            Cleanup::Postgres(name) => {
-                let name = name.clone();
-                // Drop runs inside the test's runtime: do the async clean-up on a thread of its own.
-                let _ = std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .ok()?;
-                    rt.block_on(async {
-                        let admin = Db::connect(&pg_admin_url()).await.ok()?;
-                        if let Db::Postgres(pool) = &admin {
-                            let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                            let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await;
-                        }
-                        admin.close().await;
-                        Some(())
-                    })
-                })
-                .join();
-            }
-        }
-    }
-}
+pub use kiln_ledger::testing::TestDb;
 
 /// 2026-01-31T10:00:00Z: a month end, so billing cycles cross short months.
 pub fn start_time() -> Timestamp {
@@ -135,24 +42,4 @@ impl Harness {
             clock,
         }
     }
-}
-
-/// Runs each named `async fn(Backend)` as two tests: `<name>::postgres` and `<name>::sqlite`.
-#[macro_export]
-macro_rules! backends {
-    ($($name:ident),+ $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$name(kiln_ledger::Backend::Postgres).await
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    super::$name(kiln_ledger::Backend::Sqlite).await
-                }
-            }
-        )+
-    };
 }

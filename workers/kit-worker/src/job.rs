@@ -1,0 +1,258 @@
+//! One delivery of a kit job, independent of the queue engine: claim (new fencing token), load
+//! the upload, generate, write every asset and then the manifest, and finish in one
+//! transaction — succeeded + committed, or failed + released, or handed back with a delay.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kiln_assets::{Generator, KitError, Manifest, Step};
+use kiln_core::{ProductSpec, Timestamp};
+use kiln_ledger::jobs::{self, Claim, KitJob, Progress};
+use kiln_ledger::{Ledger, LedgerError};
+use kiln_storage::{ObjectKey, Storage, StorageError};
+
+/// What a worker needs to run jobs.
+#[derive(Clone, Debug)]
+pub struct Deps {
+    pub ledger: Ledger,
+    pub storage: Storage,
+    pub generator: Generator,
+    /// First retry delay; each later one is four times the one before (5 s, 20 s, 80 s ...).
+    pub retry_base: Duration,
+}
+
+/// How one delivery ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed {
+        code: String,
+    },
+    /// Handed back to the queue to run again after a delay.
+    Retrying {
+        code: String,
+        run_at: Timestamp,
+    },
+    /// Nothing done: the job had ended, the task was superseded, or a newer attempt owns it.
+    Skipped,
+    /// The job ran out of attempts at claim time and was failed.
+    GaveUp,
+}
+
+/// A failure while running a job, sorted by what to do about it.
+#[derive(Debug)]
+enum RunError {
+    Retry {
+        code: &'static str,
+        message: String,
+    },
+    Fail {
+        code: &'static str,
+        message: String,
+    },
+    /// A newer attempt owns the job: stop without writing anything more.
+    Superseded,
+}
+
+impl From<StorageError> for RunError {
+    fn from(e: StorageError) -> Self {
+        if e.is_retryable() {
+            RunError::Retry {
+                code: "storage_unavailable",
+                message: e.to_string(),
+            }
+        } else {
+            RunError::Fail {
+                code: "storage_error",
+                message: e.to_string(),
+            }
+        }
+    }
+}
+
+impl From<KitError> for RunError {
+    fn from(e: KitError) -> Self {
+        if e.is_retryable() {
+            RunError::Retry {
+                code: e.code(),
+                message: e.to_string(),
+            }
+        } else {
+            RunError::Fail {
+                code: e.code(),
+                message: e.to_string(),
+            }
+        }
+    }
+}
+
+/// Database trouble while working: worth another attempt later.
+impl From<LedgerError> for RunError {
+    fn from(e: LedgerError) -> Self {
+        RunError::Retry {
+            code: "database_unavailable",
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Runs one delivery of `task` for job `id` as `worker`.
+pub async fn run(deps: &Deps, id: &str, task: &str, worker: &str) -> Result<Outcome, LedgerError> {
+    let claim = {
+        let mut tx = deps.ledger.db().begin().await?;
+        let c = jobs::claim(&mut tx, &deps.ledger.ctx(), id, task, worker).await?;
+        tx.commit().await?;
+        c
+    };
+    let (job, fence) = match claim {
+        Claim::Run { job, fence } => (job, fence),
+        Claim::Finished(_) => return Ok(Outcome::Skipped),
+        Claim::GaveUp(_) => return Ok(Outcome::GaveUp),
+    };
+    tracing::info!(job = %job.id, kit = %job.kit, attempt = job.attempts, fence, "kit job started");
+    match work(deps, &job, fence).await {
+        Ok(manifest_key) => {
+            let mut tx = deps.ledger.db().begin().await?;
+            let won = jobs::succeed(&mut tx, &deps.ledger.ctx(), id, fence, &manifest_key).await?;
+            tx.commit().await?;
+            if won {
+                tracing::info!(job = %job.id, "kit job succeeded; charge committed");
+                Ok(Outcome::Succeeded)
+            } else {
+                tracing::warn!(job = %job.id, fence, "a newer attempt owns the job; not finishing");
+                Ok(Outcome::Skipped)
+            }
+        }
+        Err(RunError::Superseded) => {
+            tracing::warn!(job = %job.id, fence, "superseded by a newer attempt; stopped");
+            Ok(Outcome::Skipped)
+        }
+        Err(RunError::Retry { code, message }) if job.attempts < job.max_attempts => {
+            let delay = backoff(deps.retry_base, job.attempts);
+            let now = deps.ledger.ctx().now;
+            let run_at = now.plus_millis(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+            let mut tx = deps.ledger.db().begin().await?;
+            let handed = jobs::retry_later(&mut tx, now, id, fence, run_at, code, &message).await?;
+            tx.commit().await?;
+            tracing::warn!(job = %job.id, code, %message, retry_in_ms = delay.as_millis(), "kit job will be retried");
+            Ok(if handed {
+                Outcome::Retrying {
+                    code: code.to_owned(),
+                    run_at,
+                }
+            } else {
+                Outcome::Skipped
+            })
+        }
+        Err(RunError::Retry { code, message } | RunError::Fail { code, message }) => {
+            let mut tx = deps.ledger.db().begin().await?;
+            let done = jobs::fail(&mut tx, &deps.ledger.ctx(), id, fence, code, &message).await?;
+            tx.commit().await?;
+            tracing::warn!(job = %job.id, code, %message, "kit job failed; charge released");
+            Ok(if done {
+                Outcome::Failed {
+                    code: code.to_owned(),
+                }
+            } else {
+                Outcome::Skipped
+            })
+        }
+    }
+}
+
+/// `base` x 4^(attempt - 1), at most an hour.
+pub fn backoff(base: Duration, attempt: u32) -> Duration {
+    let factor = 4u32.saturating_pow(attempt.saturating_sub(1));
+    base.saturating_mul(factor).min(Duration::from_secs(3600))
+}
+
+/// Generates and publishes the kit; returns the manifest's key.
+async fn work(deps: &Deps, job: &KitJob, fence: i64) -> Result<String, RunError> {
+    let upload_key = ObjectKey::parse(&job.upload_key).map_err(|e| RunError::Fail {
+        code: "upload_missing",
+        message: e.to_string(),
+    })?;
+    let upload: Bytes = match deps.storage.get(&upload_key).await {
+        Err(StorageError::NotFound(_)) => {
+            return Err(RunError::Fail {
+                code: "upload_missing",
+                message: format!("the upload {} is gone from storage", job.upload_key),
+            });
+        }
+        other => other?,
+    };
+    let spec = ProductSpec::from_json(job.spec.as_bytes()).map_err(|e| RunError::Fail {
+        code: "invalid_spec",
+        message: e.to_string(),
+    })?;
+
+    // Progress goes to the database from an async task; the renderer only sends steps.
+    let superseded = Arc::new(AtomicBool::new(false));
+    let (steps, mut rx) = tokio::sync::mpsc::unbounded_channel::<Step>();
+    let recorder = {
+        let ledger = deps.ledger.clone();
+        let (id, superseded) = (job.id.clone(), superseded.clone());
+        tokio::spawn(async move {
+            while let Some(step) = rx.recv().await {
+                let p = Progress {
+                    step: Some(step.name.to_owned()),
+                    done: step.done,
+                    total: step.total,
+                };
+                let written = async {
+                    let mut tx = ledger.db().begin().await?;
+                    let ok = jobs::progress(&mut tx, ledger.ctx().now, &id, fence, &p).await?;
+                    tx.commit().await?;
+                    Ok::<bool, LedgerError>(ok)
+                }
+                .await;
+                match written {
+                    Ok(false) => superseded.store(true, Ordering::SeqCst),
+                    Ok(true) => {}
+                    Err(e) => tracing::warn!(job = %id, "progress not recorded: {e}"),
+                }
+            }
+        })
+    };
+    let generated = deps
+        .generator
+        .generate(
+            Arc::from(upload.as_ref()),
+            &spec,
+            job.kit,
+            Arc::new(move |s| {
+                let _ = steps.send(s);
+            }),
+        )
+        .await;
+    // All progress is written (or refused) before anything is published.
+    let _ = recorder.await;
+    let assets = generated?;
+    if superseded.load(Ordering::SeqCst) {
+        return Err(RunError::Superseded);
+    }
+
+    let manifest = Manifest::new(&job.id, job.kit, deps.generator.name(), &assets);
+    let files = assets
+        .iter()
+        .map(|a| (a.path.as_str(), a.bytes.clone(), a.content_type))
+        // The manifest last: its presence means the kit is complete.
+        .chain([("manifest.json", manifest.to_json(), "application/json")]);
+    let mut manifest_key = String::new();
+    for (path, bytes, content_type) in files {
+        let key = ObjectKey::kit(&job.id.to_lowercase(), path).map_err(StorageError::from)?;
+        let mut tx = deps.ledger.db().begin_read().await?;
+        let still_ours = jobs::owns(&mut tx, &job.id, fence).await?;
+        drop(tx);
+        if !still_ours {
+            return Err(RunError::Superseded);
+        }
+        deps.storage
+            .put(&key, Bytes::from(bytes), content_type)
+            .await?;
+        manifest_key = key.as_str().to_owned();
+    }
+    Ok(manifest_key)
+}

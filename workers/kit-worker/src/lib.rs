@@ -1,0 +1,196 @@
+//! The kit worker: apalis workers on the queues `kits.essentials` and `kits.caratzon`, with the
+//! mitigations of DESIGN.md §5 — a unique worker name per process start, batch size 1, a short
+//! heartbeat (rescue of a dead worker's task in seconds), LISTEN/NOTIFY pickup on PostgreSQL and
+//! a short poll on SQLite, kiln's own backoff (apalis only redelivers after a crash), fencing on
+//! `kit_jobs`, and a grace period on shutdown. A backend failure ends `run` with an error, so
+//! `kiln work` exits non-zero and its supervisor restarts it.
+
+pub mod job;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apalis::prelude::*;
+use kiln_core::Kit;
+use kiln_ledger::Db;
+use kiln_ledger::jobs::KitTask;
+
+pub use job::{Deps, Outcome, backoff};
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Unique per process start: `kiln-<host>-<pid>-<random>`.
+    pub name: String,
+    pub queues: Vec<Kit>,
+    /// Jobs run at once per queue.
+    pub concurrency: usize,
+    pub heartbeat: Duration,
+    /// Missed heartbeats before another worker takes this one's tasks.
+    pub missed_heartbeats: usize,
+    /// On shutdown, how long running kits may take to finish before the process stops.
+    pub grace: Duration,
+    /// How often an idle SQLite worker looks for new tasks (PostgreSQL is notified).
+    pub poll: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(queues: Vec<Kit>, concurrency: usize) -> WorkerConfig {
+        WorkerConfig {
+            name: unique_name(),
+            queues,
+            concurrency: concurrency.max(1),
+            heartbeat: Duration::from_secs(5),
+            missed_heartbeats: 3,
+            grace: Duration::from_secs(60),
+            poll: Duration::from_millis(100),
+        }
+    }
+}
+
+/// `kiln-<host>-<pid>-<random>`: a restarted process never takes over a dead one's name (apalis
+/// would not recover that name's running tasks).
+pub fn unique_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let mut r = [0u8; 4];
+    let _ = getrandom::fill(&mut r);
+    format!(
+        "kiln-{host}-{}-{:08x}",
+        std::process::id(),
+        u32::from_le_bytes(r)
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("worker {name} stopped: {message}")]
+    Stopped { name: String, message: String },
+}
+
+async fn handle(
+    task: KitTask,
+    id: TaskId,
+    deps: Data<Arc<Deps>>,
+    worker: WorkerContext,
+) -> Result<(), BoxDynError> {
+    match job::run(&deps, &task.job, &id.to_string(), worker.name()).await {
+        Ok(outcome) => {
+            tracing::debug!(job = %task.job, ?outcome, "delivery done");
+            Ok(())
+        }
+        // The database is unreachable: let apalis redeliver (a bounded number of times); the
+        // job's own state is untouched, and the reconciler picks up what is left.
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs workers for every configured queue until `shutdown` completes, then lets running kits
+/// finish within the grace period.
+pub async fn run(
+    deps: Deps,
+    cfg: WorkerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    let deps = Arc::new(deps);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for kit in &cfg.queues {
+        let name = format!("{}-{}", cfg.name, kit.as_str());
+        let signal = {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+                Ok::<(), std::io::Error>(())
+            }
+        };
+        let deps = deps.clone();
+        let cfg = cfg.clone();
+        let kit = *kit;
+        set.spawn(async move {
+            // The same worker on either backend (their types differ).
+            macro_rules! work {
+                ($backend:expr) => {
+                    WorkerBuilder::new(name.as_str())
+                        .backend($backend)
+                        .data(deps.clone())
+                        .concurrency(cfg.concurrency)
+                        .build(handle)
+                        .run_until(signal)
+                        .await
+                };
+            }
+            let result = match deps.ledger.db() {
+                Db::Postgres(pool) => {
+                    let config = apalis_postgres::Config::default()
+                        .queue(kit.queue())
+                        .batch_size(1)
+                        .heartbeat_interval(cfg.heartbeat)
+                        .missed_heartbeats(cfg.missed_heartbeats);
+                    let backend = apalis_postgres::PostgresStorage::<KitTask>::new(pool)
+                        .with_config(config)
+                        .with_pubsub();
+                    work!(backend)
+                }
+                Db::Sqlite(pool) => {
+                    let config = apalis_sqlite::Config::default()
+                        .queue(kit.queue())
+                        .batch_size(1)
+                        .heartbeat_interval(cfg.heartbeat)
+                        .missed_heartbeats(cfg.missed_heartbeats);
+                    let backend = apalis_sqlite::SqliteStorage::<KitTask>::new(pool)
+                        .with_config(config)
+                        .poll_with_interval(cfg.poll);
+                    work!(backend)
+                }
+            };
+            result.map_err(|e| WorkerError::Stopped {
+                name,
+                message: e.to_string(),
+            })
+        });
+    }
+    let grace = cfg.grace;
+    let mut stopping = stop_rx.clone();
+    let mut first_error = None;
+    let drain = async {
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!("{e}");
+                    first_error.get_or_insert(e);
+                    // One queue's worker died: stop the others, so the process exits and is restarted.
+                    let _ = stop_tx.send(true);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(WorkerError::Stopped {
+                        name: cfg.name.clone(),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = drain => {}
+        () = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(grace_s = grace.as_secs(), "grace period over; kits still running are handed back");
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}

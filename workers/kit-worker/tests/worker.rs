@@ -1,0 +1,242 @@
+//! The kit worker against real databases (PostgreSQL and SQLite, one suite) and a real local
+//! store: kits run end to end through apalis and finish exactly once; a permanent failure
+//! releases at once; duplicate deliveries commit once; shutdown lets a running kit finish.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kiln_assets::Generator;
+use kiln_core::Kit;
+use kiln_ledger::backends;
+use kiln_ledger::jobs::{self, Charge, JobStatus, KitJob};
+use kiln_ledger::testing::TestDb;
+use kiln_ledger::{AccountId, Backend, Ledger, NewAccount, PlanId, Pricing, SystemClock};
+use kiln_producer::{Order, intake};
+use kiln_storage::{LocalStore, ObjectKey, Storage};
+use kit_worker::{Deps, Outcome, WorkerConfig};
+
+backends!(
+    kits_run_end_to_end_and_commit_once,
+    a_permanent_failure_releases_at_once,
+    duplicate_deliveries_commit_once,
+    shutdown_lets_a_running_kit_finish,
+);
+
+struct Rig {
+    _db: TestDb,
+    dir: std::path::PathBuf,
+    deps: Deps,
+    account: AccountId,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn rig(backend: Backend) -> Rig {
+    let db = TestDb::new(backend, 10).await;
+    let ledger = Ledger::new(
+        db.db.clone(),
+        Arc::new(Pricing::default()),
+        Arc::new(SystemClock),
+    );
+    let dir = std::env::temp_dir().join(format!("kiln-worker-test-{}", ulid::Ulid::generate()));
+    let storage = Storage::Local(
+        LocalStore::new(&dir, b"0123456789abcdef0123".to_vec(), "http://127.0.0.1:0")
+            .expect("local store"),
+    );
+    let account = ledger
+        .create_account(NewAccount {
+            plan: PlanId::Discover,
+            is_admin: false,
+            email: None,
+            monthly_allowance: None,
+        })
+        .await
+        .expect("account")
+        .account
+        .id;
+    Rig {
+        _db: db,
+        dir,
+        deps: Deps {
+            ledger,
+            storage,
+            generator: Generator::Studio,
+            retry_base: Duration::from_millis(50),
+        },
+        account,
+    }
+}
+
+fn design() -> Bytes {
+    Bytes::from(kiln_assets::encode_jpeg(&kiln_assets::sample::ring(900), 90).expect("jpeg"))
+}
+
+async fn order(rig: &Rig, kit: Kit, design: Bytes, key: &str) -> KitJob {
+    intake(
+        &rig.deps.ledger,
+        &rig.deps.storage,
+        Order {
+            account: rig.account,
+            kit,
+            design,
+            spec_json: kiln_assets::sample::SPEC_JSON.as_bytes(),
+            idempotency_key: key,
+        },
+    )
+    .await
+    .expect("intake")
+    .job
+}
+
+async fn job(rig: &Rig, id: &str) -> KitJob {
+    let mut tx = rig.deps.ledger.db().begin_read().await.expect("begin");
+    jobs::job(&mut tx, id).await.expect("read").expect("exists")
+}
+
+/// Polls the job (it lives in another task's hands) until `done` holds; 60 s at most.
+async fn wait_until(rig: &Rig, id: &str, done: impl Fn(&KitJob) -> bool) -> KitJob {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = job(rig, id).await;
+        if done(&j) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job {id} stuck: {j:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn start_worker(
+    rig: &Rig,
+    concurrency: usize,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), kit_worker::WorkerError>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut cfg = WorkerConfig::new(vec![Kit::Essentials, Kit::Caratzon], concurrency);
+    cfg.poll = Duration::from_millis(20);
+    let handle = tokio::spawn(kit_worker::run(rig.deps.clone(), cfg, async move {
+        let _ = stopped.await;
+    }));
+    (stop, handle)
+}
+
+async fn assert_clean(rig: &Rig) {
+    let breaches = rig.deps.ledger.audit().await.expect("audit");
+    assert!(breaches.is_empty(), "audit: {breaches:#?}");
+}
+
+/// The manifest lists every asset, each stored with the bytes its sha256 names.
+async fn assert_complete(rig: &Rig, j: &KitJob) {
+    let key = ObjectKey::parse(j.manifest_key.as_deref().expect("manifest key")).expect("key");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&rig.deps.storage.get(&key).await.expect("manifest")).expect("json");
+    let assets = manifest["assets"].as_array().expect("assets");
+    assert!(assets.len() >= 9, "{} assets", assets.len());
+    for a in assets {
+        let k = ObjectKey::parse(a["key"].as_str().expect("key")).expect("asset key");
+        let bytes = rig.deps.storage.get(&k).await.expect("asset stored");
+        assert_eq!(
+            kiln_assets::sha256_hex(&bytes),
+            a["sha256"].as_str().expect("sha")
+        );
+    }
+}
+
+async fn kits_run_end_to_end_and_commit_once(backend: Backend) {
+    let rig = rig(backend).await;
+    let before = rig.deps.ledger.balance(rig.account).await.expect("balance");
+    let (stop, worker) = start_worker(&rig, 2);
+    let e = order(&rig, Kit::Essentials, design(), "e1").await;
+    let c = order(&rig, Kit::Caratzon, design(), "c1").await;
+    for id in [&e.id, &c.id] {
+        let j = wait_until(&rig, id, |j| j.status.is_terminal()).await;
+        assert_eq!(
+            (j.status, j.charge(), j.attempts),
+            (JobStatus::Succeeded, Charge::Committed, 1),
+            "{j:?}"
+        );
+        assert_eq!(j.progress.done, j.progress.total);
+        assert_complete(&rig, &j).await;
+    }
+    let _ = stop.send(());
+    worker.await.expect("join").expect("worker stops cleanly");
+    let after = rig.deps.ledger.balance(rig.account).await.expect("balance");
+    assert_eq!(after.committed.get() - before.committed.get(), 110);
+    assert_eq!(after.held.get(), 0);
+    assert_clean(&rig).await;
+}
+
+async fn a_permanent_failure_releases_at_once(backend: Backend) {
+    let rig = rig(backend).await;
+    let before = rig.deps.ledger.balance(rig.account).await.expect("balance");
+    let (stop, worker) = start_worker(&rig, 1);
+    // A blank frame: a valid image with no product in it.
+    let blank = image::RgbImage::from_pixel(800, 800, image::Rgb([240, 240, 240]));
+    let blank = Bytes::from(kiln_assets::encode_jpeg(&blank, 90).expect("jpeg"));
+    let j = order(&rig, Kit::Essentials, blank, "blank").await;
+    let j = wait_until(&rig, &j.id, |j| j.status.is_terminal()).await;
+    assert_eq!(
+        (j.status, j.charge(), j.attempts),
+        (JobStatus::Failed, Charge::Released, 1)
+    );
+    assert_eq!(j.error.map(|e| e.code), Some("no_product_found".into()));
+    let _ = stop.send(());
+    worker.await.expect("join").expect("worker stops cleanly");
+    let after = rig.deps.ledger.balance(rig.account).await.expect("balance");
+    assert_eq!(after.available, before.available);
+    assert_clean(&rig).await;
+}
+
+async fn duplicate_deliveries_commit_once(backend: Backend) {
+    let rig = rig(backend).await;
+    let j = order(&rig, Kit::Essentials, design(), "dup").await;
+    // The same task delivered to two workers at once (no apalis worker running here).
+    let (a, b) = tokio::join!(
+        kit_worker::job::run(&rig.deps, &j.id, &j.task_id, "worker-a"),
+        kit_worker::job::run(&rig.deps, &j.id, &j.task_id, "worker-b"),
+    );
+    let outcomes = [a.expect("run a"), b.expect("run b")];
+    let wins = outcomes
+        .iter()
+        .filter(|o| **o == Outcome::Succeeded)
+        .count();
+    assert_eq!(wins, 1, "{outcomes:?}");
+    assert!(outcomes.contains(&Outcome::Skipped), "{outcomes:?}");
+    let done = job(&rig, &j.id).await;
+    assert_eq!(
+        (done.status, done.charge()),
+        (JobStatus::Succeeded, Charge::Committed)
+    );
+    assert_complete(&rig, &done).await;
+    // A third, late delivery changes nothing.
+    let late = kit_worker::job::run(&rig.deps, &j.id, &j.task_id, "worker-c")
+        .await
+        .expect("run");
+    assert_eq!(late, Outcome::Skipped);
+    let b = rig.deps.ledger.balance(rig.account).await.expect("balance");
+    assert_eq!((b.committed.get(), b.held.get()), (10, 0));
+    assert_clean(&rig).await;
+}
+
+async fn shutdown_lets_a_running_kit_finish(backend: Backend) {
+    let rig = rig(backend).await;
+    let (stop, worker) = start_worker(&rig, 1);
+    let j = order(&rig, Kit::Caratzon, design(), "shutdown").await;
+    wait_until(&rig, &j.id, |j| j.status == JobStatus::Running).await;
+    let _ = stop.send(());
+    worker.await.expect("join").expect("worker stops cleanly");
+    let done = job(&rig, &j.id).await;
+    assert_eq!(
+        (done.status, done.charge()),
+        (JobStatus::Succeeded, Charge::Committed),
+        "{done:?}"
+    );
+    assert_clean(&rig).await;
+}
