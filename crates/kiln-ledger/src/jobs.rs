@@ -677,6 +677,42 @@ pub async fn queue_stats(tx: &mut Tx, now: Timestamp) -> Result<Vec<QueueStats>>
     Ok(out)
 }
 
+/// A worker that has reported to apalis recently.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LiveWorker {
+    pub name: String,
+    pub queue: String,
+    pub last_seen_secs_ago: i64,
+}
+
+/// Workers seen within the last `within_secs` seconds.
+pub async fn live_workers(tx: &mut Tx, within_secs: i64) -> Result<Vec<LiveWorker>> {
+    let rows: Vec<(String, String, i64)> = match tx {
+        Tx::Postgres(c) => sqlx::query_as(
+            "SELECT id, worker_type, EXTRACT(EPOCH FROM now() - last_seen)::BIGINT FROM apalis.workers \
+             WHERE last_seen > now() - make_interval(secs => $1) ORDER BY worker_type, id",
+        )
+        .bind(within_secs as f64)
+        .fetch_all(&mut **c)
+        .await?,
+        Tx::Sqlite(c) => sqlx::query_as(
+            "SELECT id, worker_type, CAST(strftime('%s', 'now') AS INTEGER) - last_seen FROM Workers \
+             WHERE last_seen > CAST(strftime('%s', 'now') AS INTEGER) - $1 ORDER BY worker_type, id",
+        )
+        .bind(within_secs)
+        .fetch_all(&mut **c)
+        .await?,
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(name, queue, ago)| LiveWorker {
+            name,
+            queue,
+            last_seen_secs_ago: ago.max(0),
+        })
+        .collect())
+}
+
 /// What one reconciler pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Reconciled {

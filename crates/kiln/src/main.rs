@@ -1,13 +1,15 @@
-//! `kiln`: drive the credit ledger from a shell, on the embedded SQLite default or PostgreSQL.
+//! `kiln`: order kits, run workers and drive the credit ledger from a shell, on the embedded
+//! SQLite default or PostgreSQL.
 
 mod config;
+mod kits;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kiln_core::{AccountId, Action, Credits, PlanId};
+use kiln_core::{AccountId, Action, Credits, Kit, PlanId};
 use kiln_ledger::{Balance, Db, JournalPage, Ledger, NewAccount, SystemClock};
 use serde::Serialize;
 
@@ -59,11 +61,68 @@ enum Command {
         #[arg(long = "idempotency-key")]
         idempotency_key: String,
     },
-    /// Check the ledger's invariants on the whole database; exits 1 on any breach.
+    /// Check the ledger's invariants and job/charge agreement on the whole database; exits 1 on
+    /// any breach.
     Audit,
-    /// Walk through the billing path on the embedded default: a new account, Cara charges, a
-    /// kit's reservation released as a failed job would, a top-up, and the journal.
-    Demo,
+    /// Make kits end to end on the embedded default: a demo account, the bundled sample design
+    /// (or yours), an in-process worker, a progress bar, where each asset landed, the balance.
+    Demo {
+        /// The design image (JPEG, PNG or WebP); default: the bundled sample ring.
+        #[arg(long)]
+        design: Option<PathBuf>,
+        /// The product spec (JSON); default: the sample's.
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        /// essentials, caratzon or both.
+        #[arg(long, default_value = "both")]
+        kit: String,
+    },
+    /// Run kit workers (and periodic maintenance) until SIGTERM or Ctrl-C.
+    Work {
+        /// Comma-separated: kits.essentials, kits.caratzon.
+        #[arg(long, default_value = "kits.essentials,kits.caratzon")]
+        queues: String,
+        /// Kits run at once per queue.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Seconds running kits get to finish after SIGTERM.
+        #[arg(long = "grace-secs", default_value_t = 60)]
+        grace_secs: u64,
+    },
+    /// Order and follow kits.
+    #[command(subcommand)]
+    Kits(KitsCommand),
+    /// Queue depth, oldest waiting job and live workers.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum KitsCommand {
+    /// Order a kit: checks the design and spec, reserves its credits and queues it; prints the job id.
+    Create {
+        #[arg(long)]
+        account: AccountId,
+        #[arg(long)]
+        design: PathBuf,
+        #[arg(long)]
+        spec: PathBuf,
+        #[arg(long)]
+        kit: Kit,
+        /// Default: derived from the design, spec and kit (the same order twice is one job).
+        #[arg(long = "idempotency-key")]
+        idempotency_key: Option<String>,
+        /// Wait for the job to end, with a progress bar; exit 1 unless it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a job: its status (queued, running, succeeded, failed, cancelled), progress, charge.
+    Status { id: String },
+    /// Cancel a queued job and release its credits.
+    Cancel {
+        id: String,
+        #[arg(long)]
+        account: AccountId,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -261,7 +320,114 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 print_balance(&ledger.balance(account).await?);
             }
         }
-        Command::Demo => demo(&ledger).await?,
+        Command::Demo { design, spec, kit } => {
+            let kits = match kit.as_str() {
+                "both" => vec![Kit::Essentials, Kit::Caratzon],
+                other => vec![other.parse::<Kit>().map_err(|_| {
+                    anyhow::anyhow!("--kit must be essentials, caratzon or both, not {other:?}")
+                })?],
+            };
+            kits::demo(&ledger, &config, design.as_deref(), spec.as_deref(), &kits).await?;
+        }
+        Command::Work {
+            queues,
+            concurrency,
+            grace_secs,
+        } => {
+            let queues = kits::parse_queues(&queues)?;
+            anyhow::ensure!(!queues.is_empty(), "--queues names no queue");
+            anyhow::ensure!(concurrency >= 1, "--concurrency must be at least 1");
+            kits::work(
+                &ledger,
+                &config,
+                queues,
+                concurrency,
+                std::time::Duration::from_secs(grace_secs),
+            )
+            .await?;
+        }
+        Command::Kits(KitsCommand::Create {
+            account,
+            design,
+            spec,
+            kit,
+            idempotency_key,
+            wait,
+        }) => {
+            let job = kits::create(
+                &ledger,
+                &config,
+                kits::NewKit {
+                    account,
+                    design: &design,
+                    spec: &spec,
+                    kit,
+                    key: idempotency_key,
+                },
+            )
+            .await?;
+            let job = if wait {
+                kits::wait(&ledger, &job.id, kit.as_str()).await?
+            } else {
+                job
+            };
+            if out.json {
+                out.print(&job.view());
+            } else if wait {
+                kits::print_job(&job);
+            } else {
+                println!("{}", job.id);
+            }
+            if wait && job.status != kiln_ledger::jobs::JobStatus::Succeeded {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
+        Command::Kits(KitsCommand::Status { id }) => {
+            let job = kits::job(&ledger, &id).await?;
+            if out.json {
+                out.print(&job.view());
+            } else {
+                kits::print_job(&job);
+            }
+        }
+        Command::Kits(KitsCommand::Cancel { id, account }) => {
+            let mut tx = ledger.db().begin().await?;
+            let job = kiln_ledger::jobs::cancel(&mut tx, &ledger.ctx(), account, &id).await?;
+            tx.commit().await?;
+            if out.json {
+                out.print(&job.view());
+            } else {
+                kits::print_job(&job);
+            }
+        }
+        Command::Status => {
+            let s = kits::status(&ledger).await?;
+            if out.json {
+                out.print(&s);
+            } else {
+                for q in s["queues"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<16} queued {:>4}  running {:>4}  oldest queued {}",
+                        q["queue"].as_str().unwrap_or_default(),
+                        q["queued"],
+                        q["running"],
+                        q["oldest_queued_ms"]
+                            .as_i64()
+                            .map_or("-".to_owned(), |ms| format!("{:.1}s", ms as f64 / 1000.0))
+                    );
+                }
+                let workers = s["workers"].as_array().cloned().unwrap_or_default();
+                println!("workers {}", workers.len());
+                for w in workers {
+                    println!(
+                        "  {}  {}  seen {}s ago",
+                        w["name"].as_str().unwrap_or_default(),
+                        w["queue"].as_str().unwrap_or_default(),
+                        w["last_seen_secs_ago"]
+                    );
+                }
+            }
+        }
         Command::Audit => {
             let breaches = ledger.audit().await?;
             if out.json {
@@ -269,7 +435,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     &serde_json::json!({ "clean": breaches.is_empty(), "breaches": breaches }),
                 );
             } else if breaches.is_empty() {
-                println!("ledger clean: every invariant holds");
+                println!("ledger clean: every invariant holds, every job agrees with its charge");
             } else {
                 for b in &breaches {
                     println!("BREACH account {}: {}", b.account_id, b.what);
@@ -364,55 +530,4 @@ fn print_journal(page: &JournalPage) {
     if let Some(n) = page.next_after {
         println!("more: --after {n}");
     }
-}
-
-async fn demo(ledger: &Ledger) -> anyhow::Result<()> {
-    let new = NewAccount {
-        plan: PlanId::Discover,
-        is_admin: false,
-        email: Some("demo@kiln.local".into()),
-        monthly_allowance: None,
-    };
-    let id = ledger.create_account(new).await?.account.id;
-    println!("== a Discover account {id} opens with its welcome credits");
-    print_balance(&ledger.balance(id).await?);
-    let before = ledger.balance(id).await?.available;
-
-    println!(
-        "\n== two Cara messages, charged on send (the second send is a retry: same key, one charge)"
-    );
-    for key in ["msg-1", "msg-2", "msg-2"] {
-        let r = ledger.charge(id, Action::TextMessage, key).await?;
-        println!("charge {key}: {} credits, reservation {}", r.amount, r.id);
-    }
-
-    println!("\n== a Caratzon kit is quoted, its credits held, and released as a failed job would");
-    let q = ledger.quote(id, Action::CaratzonKit).await?;
-    println!(
-        "quote: {} credits, {} available, affordable: {}",
-        q.cost, q.available, q.affordable
-    );
-    let r = ledger.reserve(id, Action::CaratzonKit, "kit-1").await?;
-    println!("held {} credits (reservation {})", r.amount, r.id);
-    print_balance(&ledger.balance(id).await?);
-    ledger.release(r.id).await?;
-    println!("released: the credits went back");
-
-    println!("\n== a top-up pack, bought twice with one payment reference: granted once");
-    for _ in 0..2 {
-        ledger.topup(id, "small", "demo-payment-1").await?;
-    }
-    let after = ledger.balance(id).await?;
-    print_balance(&after);
-    println!("\nbalance before {before}, after {} ", after.available);
-
-    println!("\n== the journal");
-    print_journal(&ledger.journal(id, None, 50).await?);
-    let breaches = ledger.audit_account(id).await?;
-    anyhow::ensure!(
-        breaches.is_empty(),
-        "ledger invariants broken: {breaches:?}"
-    );
-    println!("\naudit: every invariant holds. Kits themselves join this demo with the kit worker.");
-    Ok(())
 }

@@ -65,6 +65,46 @@ pub fn unique_name() -> String {
     )
 }
 
+/// Wakes an idle SQLite worker every `interval` to look for tasks. (apalis's own
+/// `IntervalStrategy` re-arms its timer without polling it, so after the first tick nothing wakes
+/// the worker until its heartbeat: a job queued behind another waited ~5 s.)
+#[derive(Debug)]
+struct Tick {
+    interval: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Tick {
+    fn new(interval: Duration) -> Tick {
+        Tick {
+            interval,
+            sleep: Box::pin(tokio::time::sleep(interval)),
+        }
+    }
+}
+
+impl apalis_core::backend::ext::poll_strategy::PollStrategy for Tick {
+    fn poll_drive(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        _: &apalis_core::backend::ext::poll_strategy::PollSnapshot,
+    ) -> std::task::Poll<Option<()>> {
+        use std::future::Future;
+        let mut fired = false;
+        // Re-arm and poll again until the timer is pending, so a waker is always registered.
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            fired = true;
+            let next = tokio::time::Instant::now() + self.interval;
+            self.sleep.as_mut().reset(next);
+        }
+        if fired {
+            std::task::Poll::Ready(Some(()))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("worker {name} stopped: {message}")]
@@ -149,9 +189,10 @@ pub async fn run(
                         .batch_size(1)
                         .heartbeat_interval(cfg.heartbeat)
                         .missed_heartbeats(cfg.missed_heartbeats);
-                    let backend = apalis_sqlite::SqliteStorage::<KitTask>::new(pool)
-                        .with_config(config)
-                        .poll_with_interval(cfg.poll);
+                    let backend = apalis_core::backend::ext::poll_strategy::PollWith::new(
+                        apalis_sqlite::SqliteStorage::<KitTask>::new(pool).with_config(config),
+                        Tick::new(cfg.poll),
+                    );
                     work!(backend)
                 }
             };
