@@ -368,9 +368,10 @@ pub async fn enqueue(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewJob<'_>) -> Result<Enq
     })
 }
 
-/// How many times apalis may deliver one task (crash recoveries); kiln's own retries push a
-/// new task each, so this only bounds a task that keeps killing its worker.
-pub const TASK_DELIVERIES: usize = 3;
+/// How many times apalis may deliver one task (crash recoveries). kiln's own attempt count on
+/// the job is the real bound (claims past `max_attempts` fail the job); this is a backstop, and
+/// a task apalis gives up on is repaired by the reconciler.
+pub const TASK_DELIVERIES: usize = 10;
 
 /// Pushes the apalis task that runs `job` at `run_at` (whole seconds, as apalis stores them),
 /// and on PostgreSQL notifies listening workers when the transaction commits.
@@ -425,25 +426,36 @@ pub enum Claim {
     Run { job: KitJob, fence: i64 },
     /// Nothing to do: the job has already ended (or the task is an old one).
     Finished(JobStatus),
+    /// Another attempt is running the job and renewed its lease recently: leave it alone (a
+    /// duplicate delivery). If that attempt dies, its lease runs out and the reconciler
+    /// hands the job to a new task.
+    Busy,
     /// The job ran out of attempts: it has been failed and its credits released.
     GaveUp(KitJob),
 }
 
 /// Takes the job for `worker`: running, attempts + 1, a new fencing token. A delivery of a
 /// task the job no longer runs on (`task` differs) is refused, so a superseded task cannot
-/// start a second run.
+/// start a second run; so is one that finds the job running under a lease renewed within
+/// `lease_ms` (the attempt holding it is alive).
 pub async fn claim(
     tx: &mut Tx,
     ctx: &Ctx<'_>,
     id: &str,
     task: &str,
     worker: &str,
+    lease_ms: i64,
 ) -> Result<Claim> {
     let Some(current) = job(tx, id).await? else {
         return Ok(Claim::Finished(JobStatus::Failed));
     };
     if current.status.is_terminal() || current.task_id != task {
         return Ok(Claim::Finished(current.status));
+    }
+    if current.status == JobStatus::Running
+        && current.updated_at.millis() > ctx.now.millis() - lease_ms
+    {
+        return Ok(Claim::Busy);
     }
     if current.attempts >= current.max_attempts {
         let fence = current.fence;
@@ -502,6 +514,20 @@ pub async fn progress(
     .bind(p.step.as_deref())
     .bind(i32::try_from(p.done).unwrap_or(i32::MAX))
     .bind(i32::try_from(p.total).unwrap_or(i32::MAX))
+    .bind(now.millis())
+    .execute(&mut **c)
+    .await?
+    .rows_affected());
+    Ok(n == 1)
+}
+
+/// Renews the running attempt's lease; `false` if `fence` is no longer current.
+pub async fn touch(tx: &mut Tx, now: Timestamp, id: &str, fence: i64) -> Result<bool> {
+    let n = on_tx!(tx, c => sqlx::query(
+        "UPDATE kit_jobs SET updated_at_ms = $3 WHERE id = $1 AND fence = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(fence)
     .bind(now.millis())
     .execute(&mut **c)
     .await?

@@ -120,10 +120,21 @@ async fn assert_agree(h: &Harness) {
     assert!(bad.is_empty(), "jobs vs charges: {bad:#?}");
 }
 
+/// How long a running attempt's lease lasts in these tests.
+const LEASE: i64 = 60_000;
+
+/// A later delivery after the running attempt went silent for longer than its lease.
+async fn claim_after_lease(h: &Harness, id: &str, task: &str, worker: &str) -> Claim {
+    h.clock.advance_millis(LEASE + 1);
+    claim(h, id, task, worker).await
+}
+
 async fn claim(h: &Harness, id: &str, task: &str, worker: &str) -> Claim {
-    in_tx!(h, |tx, ctx| jobs::claim(&mut tx, &ctx, id, task, worker)
-        .await
-        .expect("claim"))
+    in_tx!(h, |tx, ctx| jobs::claim(
+        &mut tx, &ctx, id, task, worker, LEASE
+    )
+    .await
+    .expect("claim"))
 }
 
 fn fence_of(c: &Claim) -> i64 {
@@ -209,10 +220,30 @@ async fn only_the_current_fence_finishes_a_job(backend: Backend) {
     let h = Harness::new(backend).await;
     let acct = account(&h).await;
     let job = enqueue(&h, acct, Kit::Essentials, "k", "u").await.job;
-    // The same task delivered to two workers: the second claim supersedes the first.
+    // The same task delivered to two workers: while the first renews its lease, the second
+    // leaves the job alone; once the first goes silent, the next claim supersedes it.
     let stale = fence_of(&claim(&h, &job.id, &job.task_id, "worker-a").await);
-    let current = fence_of(&claim(&h, &job.id, &job.task_id, "worker-b").await);
+    assert_eq!(
+        claim(&h, &job.id, &job.task_id, "worker-b").await,
+        Claim::Busy
+    );
+    h.clock.advance_millis(LEASE / 2);
+    let renewed = in_tx!(h, |tx, ctx| jobs::touch(&mut tx, ctx.now, &job.id, stale)
+        .await
+        .expect("touch"));
+    assert!(renewed);
+    h.clock.advance_millis(LEASE / 2 + 1);
+    assert_eq!(
+        claim(&h, &job.id, &job.task_id, "worker-b").await,
+        Claim::Busy,
+        "the renewed lease holds"
+    );
+    let current = fence_of(&claim_after_lease(&h, &job.id, &job.task_id, "worker-b").await);
     assert!(current > stale);
+    let renewed = in_tx!(h, |tx, ctx| jobs::touch(&mut tx, ctx.now, &job.id, stale)
+        .await
+        .expect("touch"));
+    assert!(!renewed, "a superseded attempt cannot renew the lease");
     let p = Progress {
         step: Some("copy".into()),
         done: 6,
@@ -309,9 +340,9 @@ async fn failure_releases_and_retries_use_new_tasks(backend: Backend) {
     );
     // Attempts 2 and 3 on the new task, then the job gives up and releases.
     let f2 = fence_of(&claim(&h, &job.id, &queued.task_id, "w").await);
-    let f3 = fence_of(&claim(&h, &job.id, &queued.task_id, "w").await);
+    let f3 = fence_of(&claim_after_lease(&h, &job.id, &queued.task_id, "w").await);
     assert!(f3 > f2);
-    match claim(&h, &job.id, &queued.task_id, "w").await {
+    match claim_after_lease(&h, &job.id, &queued.task_id, "w").await {
         Claim::GaveUp(j) => {
             assert_eq!(
                 (j.status, j.charge()),
@@ -427,7 +458,7 @@ async fn reconciler_requeues_orphans_and_resolves_charges(backend: Backend) {
 
     // Out of attempts: the reconciler fails the job and releases.
     for _ in 0..2 {
-        fence_of(&claim(&h, &job.id, &requeued.task_id, "w").await);
+        fence_of(&claim_after_lease(&h, &job.id, &requeued.task_id, "w").await);
     }
     delete_task(h.ledger.db(), &requeued.task_id).await;
     h.clock.advance_millis(DAY);

@@ -55,6 +55,8 @@ pub struct Order<'a> {
     pub design: Bytes,
     pub spec_json: &'a [u8],
     pub idempotency_key: &'a str,
+    /// Deliveries before the job is failed and released; `MAX_ATTEMPTS` unless configured.
+    pub max_attempts: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -101,7 +103,7 @@ pub async fn intake(
             idempotency_key: key,
             upload_key: upload.as_str(),
             spec: &spec_text,
-            max_attempts: MAX_ATTEMPTS,
+            max_attempts: order.max_attempts.max(1),
         },
     )
     .await?;

@@ -50,16 +50,28 @@ fn local_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
 
 pub fn deps(ledger: &Ledger, storage: Storage) -> anyhow::Result<Deps> {
     let generator = Generator::from_env().map_err(anyhow::Error::msg)?;
-    let retry_base = match std::env::var("KILN_RETRY_BASE_MS") {
-        Ok(ms) => Duration::from_millis(ms.parse().context("KILN_RETRY_BASE_MS must be a number")?),
-        Err(_) => Duration::from_secs(5),
-    };
+    let retry_base = Duration::from_millis(env_number("KILN_RETRY_BASE_MS", 5_000)?);
     Ok(Deps {
         ledger: ledger.clone(),
         storage,
         generator,
         retry_base,
+        lease: Duration::from_millis(env_number("KILN_LEASE_MS", 20_000)?.max(100)),
     })
+}
+
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name} must be a number, not {v:?}")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// `KILN_MAX_ATTEMPTS`: deliveries of a job before it fails and releases (default 4).
+fn max_attempts() -> anyhow::Result<u32> {
+    env_number("KILN_MAX_ATTEMPTS", kiln_producer::MAX_ATTEMPTS)
 }
 
 pub fn parse_queues(s: &str) -> anyhow::Result<Vec<Kit>> {
@@ -75,18 +87,17 @@ pub fn parse_queues(s: &str) -> anyhow::Result<Vec<Kit>> {
         .collect()
 }
 
-/// How often `kiln work` runs maintenance, and what it waits for before repairing a job.
-const MAINTENANCE_EVERY: Duration = Duration::from_secs(30);
-const STALE_JOB_MS: i64 = 120_000;
+/// Finished apalis tasks are deleted after a day (kit_jobs keeps the history).
 const PRUNE_AFTER_MS: i64 = 24 * 3_600_000;
 
-/// One maintenance pass: renew due billing cycles (booking expiries), reconcile, prune. Safe
-/// with many workers doing the same: every step is idempotent and fenced.
-pub async fn maintain(ledger: &Ledger) -> anyhow::Result<()> {
+/// One maintenance pass: renew due billing cycles (booking expiries), reconcile jobs untouched
+/// for `stale_ms`, prune. Safe with many workers doing the same: every step is idempotent and
+/// fenced.
+pub async fn maintain(ledger: &Ledger, stale_ms: i64) -> anyhow::Result<()> {
     let renewed = ledger.renew_due(500).await?;
     let mut tx = ledger.db().begin().await?;
     let ctx = ledger.ctx();
-    let r = jobs::reconcile(&mut tx, &ctx, STALE_JOB_MS).await?;
+    let r = jobs::reconcile(&mut tx, &ctx, stale_ms).await?;
     let pruned = jobs::prune_tasks(&mut tx, ctx.now, PRUNE_AFTER_MS).await?;
     tx.commit().await?;
     tracing::info!(?renewed, ?r, pruned, "maintenance");
@@ -105,6 +116,13 @@ pub async fn work(
     let deps = deps(ledger, storage)?;
     let mut cfg = WorkerConfig::new(queues, concurrency);
     cfg.grace = grace;
+    // Tuning, mostly for tests: apalis heartbeat, missed beats before a dead worker's task is
+    // rescued, and the maintenance period. A job whose lease (KILN_LEASE_MS) ran out is
+    // repaired by the reconciler.
+    cfg.heartbeat = Duration::from_millis(env_number("KILN_HEARTBEAT_MS", 5_000)?);
+    cfg.missed_heartbeats = env_number("KILN_MISSED_HEARTBEATS", 3)?;
+    let every = Duration::from_millis(env_number("KILN_MAINTENANCE_MS", 10_000)?);
+    let stale_ms = deps.lease_ms();
     eprintln!(
         "kiln work: {} on {} (concurrency {} per queue); SIGTERM or Ctrl-C stops after running kits finish (grace {} s)",
         cfg.name,
@@ -119,10 +137,10 @@ pub async fn work(
     let maintenance = {
         let ledger = ledger.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                if let Err(e) = maintain(&ledger).await {
+                if let Err(e) = maintain(&ledger, stale_ms).await {
                     tracing::warn!("maintenance failed (will retry): {e:#}");
                 }
             }
@@ -177,6 +195,7 @@ pub async fn create(ledger: &Ledger, config: &Config, k: NewKit<'_>) -> anyhow::
             design: Bytes::from(design),
             spec_json: &spec,
             idempotency_key: &key,
+            max_attempts: max_attempts()?,
         },
     )
     .await
@@ -322,6 +341,7 @@ pub async fn demo(
                 design: Bytes::from(design.clone()),
                 spec_json: &spec,
                 idempotency_key: &format!("demo-{run_id}-{kit}"),
+                max_attempts: max_attempts()?,
             },
         )
         .await

@@ -21,6 +21,16 @@ pub struct Deps {
     pub generator: Generator,
     /// First retry delay; each later one is four times the one before (5 s, 20 s, 80 s ...).
     pub retry_base: Duration,
+    /// A running attempt renews its lease on the job every quarter of this; a delivery that
+    /// finds the lease live leaves the job alone, and the reconciler repairs jobs whose lease
+    /// ran out (their worker died).
+    pub lease: Duration,
+}
+
+impl Deps {
+    pub fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
+    }
 }
 
 /// How one delivery ended.
@@ -102,17 +112,34 @@ impl From<LedgerError> for RunError {
 pub async fn run(deps: &Deps, id: &str, task: &str, worker: &str) -> Result<Outcome, LedgerError> {
     let claim = {
         let mut tx = deps.ledger.db().begin().await?;
-        let c = jobs::claim(&mut tx, &deps.ledger.ctx(), id, task, worker).await?;
+        let c = jobs::claim(
+            &mut tx,
+            &deps.ledger.ctx(),
+            id,
+            task,
+            worker,
+            deps.lease_ms(),
+        )
+        .await?;
         tx.commit().await?;
         c
     };
     let (job, fence) = match claim {
         Claim::Run { job, fence } => (job, fence),
-        Claim::Finished(_) => return Ok(Outcome::Skipped),
+        Claim::Finished(_) | Claim::Busy => return Ok(Outcome::Skipped),
         Claim::GaveUp(_) => return Ok(Outcome::GaveUp),
     };
     tracing::info!(job = %job.id, kit = %job.kit, attempt = job.attempts, fence, "kit job started");
-    match work(deps, &job, fence).await {
+    let superseded = Arc::new(AtomicBool::new(false));
+    let lease = tokio::spawn(renew_lease(
+        deps.clone(),
+        job.id.clone(),
+        fence,
+        superseded.clone(),
+    ));
+    let worked = work(deps, &job, fence, &superseded).await;
+    lease.abort();
+    match worked {
         Ok(manifest_key) => {
             let mut tx = deps.ledger.db().begin().await?;
             let won = jobs::succeed(&mut tx, &deps.ledger.ctx(), id, fence, &manifest_key).await?;
@@ -162,6 +189,31 @@ pub async fn run(deps: &Deps, id: &str, task: &str, worker: &str) -> Result<Outc
     }
 }
 
+/// Renews the lease every quarter of its length until aborted; flags `superseded` when a newer
+/// attempt has taken the job.
+async fn renew_lease(deps: Deps, id: String, fence: i64, superseded: Arc<AtomicBool>) {
+    let mut tick = tokio::time::interval(deps.lease / 4);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let renewed = async {
+            let mut tx = deps.ledger.db().begin().await?;
+            let ok = jobs::touch(&mut tx, deps.ledger.ctx().now, &id, fence).await?;
+            tx.commit().await?;
+            Ok::<bool, LedgerError>(ok)
+        }
+        .await;
+        match renewed {
+            Ok(true) => {}
+            Ok(false) => {
+                superseded.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => tracing::warn!(job = %id, "lease not renewed: {e}"),
+        }
+    }
+}
+
 /// `base` x 4^(attempt - 1), at most an hour.
 pub fn backoff(base: Duration, attempt: u32) -> Duration {
     let factor = 4u32.saturating_pow(attempt.saturating_sub(1));
@@ -169,7 +221,12 @@ pub fn backoff(base: Duration, attempt: u32) -> Duration {
 }
 
 /// Generates and publishes the kit; returns the manifest's key.
-async fn work(deps: &Deps, job: &KitJob, fence: i64) -> Result<String, RunError> {
+async fn work(
+    deps: &Deps,
+    job: &KitJob,
+    fence: i64,
+    superseded: &Arc<AtomicBool>,
+) -> Result<String, RunError> {
     let upload_key = ObjectKey::parse(&job.upload_key).map_err(|e| RunError::Fail {
         code: "upload_missing",
         message: e.to_string(),
@@ -189,7 +246,6 @@ async fn work(deps: &Deps, job: &KitJob, fence: i64) -> Result<String, RunError>
     })?;
 
     // Progress goes to the database from an async task; the renderer only sends steps.
-    let superseded = Arc::new(AtomicBool::new(false));
     let (steps, mut rx) = tokio::sync::mpsc::unbounded_channel::<Step>();
     let recorder = {
         let ledger = deps.ledger.clone();

@@ -67,6 +67,7 @@ async fn rig(backend: Backend) -> Rig {
             storage,
             generator: Generator::Studio,
             retry_base: Duration::from_millis(50),
+            lease: Duration::from_secs(10),
         },
         account,
     }
@@ -86,6 +87,7 @@ async fn order(rig: &Rig, kit: Kit, design: Bytes, key: &str) -> KitJob {
             design,
             spec_json: kiln_assets::sample::SPEC_JSON.as_bytes(),
             idempotency_key: key,
+            max_attempts: kiln_producer::MAX_ATTEMPTS,
         },
     )
     .await

@@ -1,0 +1,247 @@
+//! Crash test across processes on PostgreSQL: `kiln work` processes are SIGKILLed in the middle
+//! of kits, many times, at random moments (seeded: KILN_CRASH_SEED replays a run), and restarted.
+//! Every job must still end succeeded exactly once — one commit per job in the journal — with a
+//! complete manifest, and `kiln audit` must be clean.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{PgDb, Scratch, kiln_bin, ok};
+
+/// `kiln` against the test's database and storage, with fast failure detection.
+fn kiln_cmd(db: &str, storage: &Path) -> Command {
+    let mut cmd = Command::new(kiln_bin());
+    cmd.env_remove("KILN_CONFIG")
+        .env("KILN_DATABASE_URL", db)
+        .env("KILN_STORAGE", storage)
+        .env("KILN_SIGNING_SECRET", "crash-test-signing-secret")
+        .env("KILN_HEARTBEAT_MS", "300")
+        .env("KILN_MISSED_HEARTBEATS", "3")
+        .env("KILN_MAINTENANCE_MS", "500")
+        .env("KILN_LEASE_MS", "1500")
+        .env("KILN_RETRY_BASE_MS", "100")
+        .env("KILN_MAX_ATTEMPTS", "12")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+fn start_worker(db: &str, storage: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("worker log");
+    kiln_cmd(db, storage)
+        .args(["work", "--concurrency", "2", "--grace-secs", "5"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start kiln work")
+}
+
+fn psql(db: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .arg(db)
+        .args(["-v", "ON_ERROR_STOP=1", "-qAtc", sql])
+        .output()
+        .expect("psql");
+    ok(&out).trim().to_owned()
+}
+
+fn seed() -> u64 {
+    std::env::var("KILN_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..))
+}
+
+#[test]
+fn workers_killed_mid_kit_still_finish_every_job_exactly_once() {
+    let seed = seed();
+    println!("crash test seed {seed} (replay with KILN_CRASH_SEED={seed})");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let pg = PgDb::new();
+    let dir = Scratch::new();
+    let storage = dir.0.join("objects");
+    let log = dir.0.join("workers.log");
+
+    let created = ok(&kiln_cmd(&pg.url, &storage)
+        .args(["accounts", "create", "--plan", "discover", "--json"])
+        .output()
+        .expect("create account"));
+    let account: serde_json::Value = serde_json::from_str(&created).expect("account JSON");
+    let account = account["id"].as_str().expect("account id").to_owned();
+    // Enough credits for every kit: a top-up on top of the welcome credits.
+    ok(&kiln_cmd(&pg.url, &storage)
+        .args([
+            "topup",
+            &account,
+            "--pack",
+            "medium",
+            "--payment-ref",
+            "crash-1",
+        ])
+        .output()
+        .expect("topup"));
+
+    // A design and spec on disk, as a customer would have them.
+    let design = dir.0.join("design.jpg");
+    let spec = dir.0.join("spec.json");
+    std::fs::write(
+        &design,
+        kiln_assets::encode_jpeg(&kiln_assets::sample::ring(1000), 90).expect("jpeg"),
+    )
+    .expect("write design");
+    std::fs::write(&spec, kiln_assets::sample::SPEC_JSON).expect("write spec");
+
+    let mut workers: Vec<Child> = (0..2)
+        .map(|_| start_worker(&pg.url, &storage, &log))
+        .collect();
+    let mut jobs = Vec::new();
+    for i in 0..24 {
+        let kit = if i % 4 == 3 { "caratzon" } else { "essentials" };
+        let id = ok(&kiln_cmd(&pg.url, &storage)
+            .args([
+                "kits",
+                "create",
+                "--account",
+                &account,
+                "--design",
+                design.to_str().expect("path"),
+                "--spec",
+                spec.to_str().expect("path"),
+                "--kit",
+                kit,
+                "--idempotency-key",
+                &format!("crash-{i}"),
+            ])
+            .output()
+            .expect("kits create"));
+        jobs.push(id.trim().to_owned());
+    }
+
+    // Kill a random worker whenever a kit is mid-flight, then start a new one in its place.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut kills = 0;
+    while kills < 10 && Instant::now() < deadline {
+        let running: u32 = psql(
+            &pg.url,
+            "SELECT COUNT(*) FROM kit_jobs WHERE status = 'running' AND steps_done > 0",
+        )
+        .parse()
+        .expect("count");
+        if running == 0 {
+            let open: u32 = psql(
+                &pg.url,
+                "SELECT COUNT(*) FROM kit_jobs WHERE status IN ('queued', 'running')",
+            )
+            .parse()
+            .expect("count");
+            if open == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(rng.u64(0..150)));
+        let victim = rng.usize(..workers.len());
+        workers[victim].kill().expect("SIGKILL");
+        let _ = workers[victim].wait();
+        workers[victim] = start_worker(&pg.url, &storage, &log);
+        kills += 1;
+    }
+    println!("{kills} workers killed mid-kit");
+    assert!(kills >= 5, "only {kills} kills landed mid-kit");
+
+    // Everything ends.
+    loop {
+        let open: u32 = psql(
+            &pg.url,
+            "SELECT COUNT(*) FROM kit_jobs WHERE status IN ('queued', 'running')",
+        )
+        .parse()
+        .expect("count");
+        if open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} jobs still open; worker log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for w in &mut workers {
+        w.kill().expect("stop worker");
+        let _ = w.wait();
+    }
+
+    let statuses = psql(
+        &pg.url,
+        "SELECT id || ' ' || status || ' ' || attempts || ' ' || kit || ' ' || COALESCE(error_code || ': ' || error_message, '') \
+         FROM kit_jobs ORDER BY id",
+    );
+    println!("{statuses}");
+    let mut retried = 0;
+    for line in statuses.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        assert_eq!(parts[1], "succeeded", "job {line}");
+        if parts[2].parse::<u32>().expect("attempts") > 1 {
+            retried += 1;
+        }
+    }
+    assert_eq!(statuses.lines().count(), jobs.len());
+    assert!(retried >= 1, "no kit was interrupted: the kills missed");
+    println!("{retried} of {} jobs ran more than once", jobs.len());
+    // Exactly one commit per job, in the append-only journal.
+    let commits: HashMap<String, u32> = psql(
+        &pg.url,
+        "SELECT j.id || ' ' || COUNT(e.seq) FROM kit_jobs j LEFT JOIN journal e \
+         ON e.reservation_id = j.reservation_id AND e.entry = 'commit' GROUP BY j.id",
+    )
+    .lines()
+    .map(|l| {
+        let (id, n) = l.split_once(' ').expect("row");
+        (id.to_owned(), n.parse().expect("count"))
+    })
+    .collect();
+    for id in &jobs {
+        assert_eq!(
+            commits.get(id),
+            Some(&1),
+            "job {id}: commits {:?}",
+            commits.get(id)
+        );
+    }
+    // Each manifest lists every asset, stored with the bytes its sha256 names.
+    for id in &jobs {
+        let status: serde_json::Value = serde_json::from_str(&ok(&kiln_cmd(&pg.url, &storage)
+            .args(["kits", "status", id, "--json"])
+            .output()
+            .expect("status")))
+        .expect("job JSON");
+        assert_eq!(status["charge"], "committed");
+        let key = psql(
+            &pg.url,
+            &format!("SELECT manifest_key FROM kit_jobs WHERE id = '{id}'"),
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(storage.join(&key)).expect("manifest"))
+                .expect("manifest JSON");
+        for a in manifest["assets"].as_array().expect("assets") {
+            let bytes =
+                std::fs::read(storage.join(a["key"].as_str().expect("key"))).expect("asset");
+            assert_eq!(
+                kiln_assets::sha256_hex(&bytes),
+                a["sha256"].as_str().expect("sha256")
+            );
+        }
+    }
+    let audit = kiln_cmd(&pg.url, &storage)
+        .arg("audit")
+        .output()
+        .expect("audit");
+    assert!(ok(&audit).contains("clean"));
+}
