@@ -50,6 +50,17 @@ fn psql(db: &str, sql: &str) -> String {
     ok(&out).trim().to_owned()
 }
 
+/// Jobs matching `filter`.
+fn count(db: &str, filter: &str) -> u32 {
+    psql(db, &format!("SELECT COUNT(*) FROM kit_jobs WHERE {filter}"))
+        .parse()
+        .expect("count")
+}
+
+fn open_jobs(db: &str) -> u32 {
+    count(db, "status IN ('queued', 'running')")
+}
+
 fn seed() -> u64 {
     std::env::var("KILN_CRASH_SEED")
         .ok()
@@ -126,19 +137,9 @@ fn workers_killed_mid_kit_still_finish_every_job_exactly_once() {
     let deadline = Instant::now() + Duration::from_secs(240);
     let mut kills = 0;
     while kills < 10 && Instant::now() < deadline {
-        let running: u32 = psql(
-            &pg.url,
-            "SELECT COUNT(*) FROM kit_jobs WHERE status = 'running' AND steps_done > 0",
-        )
-        .parse()
-        .expect("count");
+        let running = count(&pg.url, "status = 'running' AND steps_done > 0");
         if running == 0 {
-            let open: u32 = psql(
-                &pg.url,
-                "SELECT COUNT(*) FROM kit_jobs WHERE status IN ('queued', 'running')",
-            )
-            .parse()
-            .expect("count");
+            let open = open_jobs(&pg.url);
             if open == 0 {
                 break;
             }
@@ -157,12 +158,7 @@ fn workers_killed_mid_kit_still_finish_every_job_exactly_once() {
 
     // Everything ends.
     loop {
-        let open: u32 = psql(
-            &pg.url,
-            "SELECT COUNT(*) FROM kit_jobs WHERE status IN ('queued', 'running')",
-        )
-        .parse()
-        .expect("count");
+        let open = open_jobs(&pg.url);
         if open == 0 {
             break;
         }
