@@ -210,20 +210,27 @@ pub async fn job(ledger: &Ledger, id: &str) -> anyhow::Result<KitJob> {
         .with_context(|| format!("job {id} not found"))
 }
 
-/// Waits for the job to end, drawing a progress bar on stderr when it is a terminal.
+/// Waits for the job to end, drawing a progress bar on stderr (one line per step when stderr is
+/// not a terminal).
 pub async fn wait(ledger: &Ledger, id: &str, label: &str) -> anyhow::Result<KitJob> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
-    let mut last = String::new();
+    let mut last_step = None;
     loop {
         let j = job(ledger, id).await?;
-        let line = bar(label, &j, started.elapsed());
-        if line != last {
-            eprint!("\r{line:<100}");
+        let step = (j.status, j.progress.done);
+        if tty {
+            eprint!("\r{:<100}", bar(label, &j, started.elapsed()));
             let _ = std::io::stderr().flush();
-            last = line;
+        } else if last_step != Some(step) {
+            eprintln!("{}", bar(label, &j, started.elapsed()));
         }
+        last_step = Some(step);
         if j.status.is_terminal() {
-            eprintln!();
+            if tty {
+                eprintln!();
+            }
             return Ok(j);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -242,6 +249,10 @@ fn bar(label: &str, j: &KitJob, elapsed: Duration) -> String {
         .map(|i| if i < filled { '#' } else { '-' })
         .collect();
     let step = j.progress.step.as_deref().unwrap_or(j.status.as_str());
+    let total = match j.progress.total {
+        0 => "?".to_owned(),
+        n => n.to_string(),
+    };
     format!(
         "{label:<11} [{fill}] {done:>2}/{total:<2} {:<9} {step:<12} {:>5.1}s",
         j.status.as_str(),
