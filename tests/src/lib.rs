@@ -1,8 +1,11 @@
 //! Helpers for kiln's end-to-end tests: find the built `kiln` binary, give each test its own
 //! database (a SQLite file, or a fresh PostgreSQL database), and run commands against it.
 
+use std::net::TcpListener;
+use std::path::Path;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The `kiln` binary built by the same `cargo test` / `cargo nextest` run (`KILN_BIN` overrides).
 pub fn kiln_bin() -> PathBuf {
@@ -133,4 +136,146 @@ pub fn ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kiln` against a test's database and storage, tuned for fast failure detection: 300 ms
+/// heartbeats, a 1.5 s lease, maintenance every 500 ms, 100 ms first retry, 12 attempts.
+pub fn kiln_cmd(db: &str, storage: &Path) -> Command {
+    let mut cmd = Command::new(kiln_bin());
+    cmd.env_remove("KILN_CONFIG")
+        .env("KILN_DATABASE_URL", db)
+        .env("KILN_STORAGE", storage)
+        .env("KILN_SIGNING_SECRET", "crash-test-signing-secret")
+        .env("KILN_HEARTBEAT_MS", "300")
+        .env("KILN_MISSED_HEARTBEATS", "3")
+        .env("KILN_MAINTENANCE_MS", "500")
+        .env("KILN_LEASE_MS", "1500")
+        .env("KILN_RETRY_BASE_MS", "100")
+        .env("KILN_MAX_ATTEMPTS", "12")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+pub fn start_worker(db: &str, storage: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("worker log");
+    kiln_cmd(db, storage)
+        .args(["work", "--concurrency", "2", "--grace-secs", "5"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start kiln work")
+}
+
+pub fn psql_on(db: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .arg(db)
+        .args(["-v", "ON_ERROR_STOP=1", "-qAtc", sql])
+        .output()
+        .expect("psql");
+    ok(&out).trim().to_owned()
+}
+
+/// Jobs matching `filter`.
+pub fn count(db: &str, filter: &str) -> u32 {
+    psql_on(db, &format!("SELECT COUNT(*) FROM kit_jobs WHERE {filter}"))
+        .parse()
+        .expect("count")
+}
+
+pub fn open_jobs(db: &str) -> u32 {
+    count(db, "status IN ('queued', 'running')")
+}
+
+/// Credentials of the S3 test servers.
+pub const S3_ACCESS_KEY: &str = "kiln-test-access";
+pub const S3_SECRET_KEY: &str = "kiln-test-secret-key-0123456789";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn s3s_fs_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("KILN_S3S_FS") {
+        return PathBuf::from(p);
+    }
+    let home = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo/bin/s3s-fs");
+    let on_path = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| PathBuf::from(d).join("s3s-fs"))
+        .find(|p| p.exists());
+    let bin = on_path.unwrap_or(home);
+    assert!(
+        bin.exists(),
+        "s3s-fs is not installed: run `make test` (scripts/ensure-s3s.sh installs it)"
+    );
+    bin
+}
+
+/// An s3s-fs process (a real S3-protocol server that checks SigV4) serving a scratch directory
+/// with a `kiln-test` bucket; killed on drop. `stop` and `start_again` simulate an outage.
+#[derive(Debug)]
+pub struct S3Server {
+    child: Option<Child>,
+    port: u16,
+    pub endpoint: String,
+    pub dir: Scratch,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let dir = Scratch::new();
+        std::fs::create_dir_all(dir.0.join("kiln-test")).expect("bucket dir");
+        let port = free_port();
+        let mut s = S3Server {
+            child: None,
+            port,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            dir,
+        };
+        s.start_again();
+        s
+    }
+
+    /// Starts the server again on the same port and directory.
+    pub fn start_again(&mut self) {
+        let child = Command::new(s3s_fs_binary())
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(&self.dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs did not listen on {} within 10 s",
+                self.port
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

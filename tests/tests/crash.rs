@@ -4,62 +4,10 @@
 //! complete manifest, and `kiln audit` must be clean.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{PgDb, Scratch, kiln_bin, ok};
-
-/// `kiln` against the test's database and storage, with fast failure detection.
-fn kiln_cmd(db: &str, storage: &Path) -> Command {
-    let mut cmd = Command::new(kiln_bin());
-    cmd.env_remove("KILN_CONFIG")
-        .env("KILN_DATABASE_URL", db)
-        .env("KILN_STORAGE", storage)
-        .env("KILN_SIGNING_SECRET", "crash-test-signing-secret")
-        .env("KILN_HEARTBEAT_MS", "300")
-        .env("KILN_MISSED_HEARTBEATS", "3")
-        .env("KILN_MAINTENANCE_MS", "500")
-        .env("KILN_LEASE_MS", "1500")
-        .env("KILN_RETRY_BASE_MS", "100")
-        .env("KILN_MAX_ATTEMPTS", "12")
-        .env("RUST_LOG", "warn");
-    cmd
-}
-
-fn start_worker(db: &str, storage: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("worker log");
-    kiln_cmd(db, storage)
-        .args(["work", "--concurrency", "2", "--grace-secs", "5"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start kiln work")
-}
-
-fn psql(db: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .arg(db)
-        .args(["-v", "ON_ERROR_STOP=1", "-qAtc", sql])
-        .output()
-        .expect("psql");
-    ok(&out).trim().to_owned()
-}
-
-/// Jobs matching `filter`.
-fn count(db: &str, filter: &str) -> u32 {
-    psql(db, &format!("SELECT COUNT(*) FROM kit_jobs WHERE {filter}"))
-        .parse()
-        .expect("count")
-}
-
-fn open_jobs(db: &str) -> u32 {
-    count(db, "status IN ('queued', 'running')")
-}
+use kiln_e2e::{PgDb, Scratch, count, kiln_cmd, ok, open_jobs, psql_on as psql, start_worker};
 
 fn seed() -> u64 {
     std::env::var("KILN_CRASH_SEED")

@@ -1,122 +1,26 @@
 //! One storage suite, run against a real S3-protocol server (s3s-fs, which checks SigV4
 //! signatures) and against the local directory backend.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use kiln_storage::{LocalStore, ObjectKey, S3Config, S3Store, Storage, StorageError};
 
-const ACCESS_KEY: &str = "kiln-test-access";
-const SECRET_KEY: &str = "kiln-test-secret-key-0123456789";
+use kiln_e2e::{
+    S3_ACCESS_KEY as ACCESS_KEY, S3_SECRET_KEY as SECRET_KEY, S3Server, Scratch, free_port,
+};
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
-            "kiln-{tag}-{}",
-            ulid::Ulid::generate().to_string().to_lowercase()
-        ));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
+/// The S3 client settings for a test server.
+fn s3_config(server: &S3Server, secret: &str) -> S3Config {
+    S3Config {
+        bucket: "kiln-test".into(),
+        endpoint: Some(server.endpoint.clone()),
+        region: "us-east-1".into(),
+        path_style: true,
+        credentials: Some((ACCESS_KEY.into(), secret.into())),
+        max_attempts: 2,
     }
 }
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// An s3s-fs process serving a temporary directory, killed on drop.
-struct S3Server {
-    child: Child,
-    endpoint: String,
-    _dir: Scratch,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn s3s_fs_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("KILN_S3S_FS") {
-        return PathBuf::from(p);
-    }
-    let home = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo/bin/s3s-fs");
-    let on_path = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| PathBuf::from(d).join("s3s-fs"))
-        .find(|p| p.exists());
-    let bin = on_path.unwrap_or(home);
-    assert!(
-        bin.exists(),
-        "s3s-fs is not installed: run `make test` (scripts/ensure-s3s.sh installs it)"
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-impl S3Server {
-    fn start() -> S3Server {
-        let dir = Scratch::new("s3s");
-        let port = free_port();
-        let child = Command::new(s3s_fs_binary())
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--access-key",
-                ACCESS_KEY,
-            ])
-            .args(["--secret-key", SECRET_KEY])
-            .arg(&dir.0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start s3s-fs");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "s3s-fs did not listen on {port} within 10 s"
-            );
-            std::thread::yield_now();
-        }
-        S3Server {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        }
-    }
-
-    fn config(&self, secret: &str) -> S3Config {
-        S3Config {
-            bucket: "kiln-test".into(),
-            endpoint: Some(self.endpoint.clone()),
-            region: "us-east-1".into(),
-            path_style: true,
-            credentials: Some((ACCESS_KEY.into(), secret.into())),
-            max_attempts: 2,
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Backend {
     S3,
@@ -131,11 +35,11 @@ struct Env {
 }
 
 async fn env(backend: Backend) -> Env {
-    let dir = Scratch::new("store");
+    let dir = Scratch::new();
     match backend {
         Backend::S3 => {
             let server = S3Server::start();
-            let store = S3Store::connect(server.config(SECRET_KEY))
+            let store = S3Store::connect(s3_config(&server, SECRET_KEY))
                 .await
                 .expect("connect");
             store.ensure_bucket().await.expect("bucket");
@@ -301,12 +205,12 @@ async fn signed_urls_fetch_then_expire(backend: Backend) {
 #[tokio::test]
 async fn s3_wrong_credentials_fail_with_a_clear_error() {
     let server = S3Server::start();
-    let good = S3Store::connect(server.config(SECRET_KEY))
+    let good = S3Store::connect(s3_config(&server, SECRET_KEY))
         .await
         .expect("connect");
     good.ensure_bucket().await.expect("bucket");
     let bad = Storage::S3(
-        S3Store::connect(server.config("not-the-secret"))
+        S3Store::connect(s3_config(&server, "not-the-secret"))
             .await
             .expect("connect"),
     );
@@ -342,7 +246,7 @@ async fn s3_down_is_retryable() {
 
 #[tokio::test]
 async fn local_store_refuses_to_escape_and_writes_atomically() {
-    let dir = Scratch::new("local");
+    let dir = Scratch::new();
     let store = LocalStore::new(
         dir.0.join("objects"),
         b"test-signing-secret-123".to_vec(),

@@ -112,7 +112,14 @@ pub async fn work(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let storage = open_storage(config).await?;
-    storage.check().await.context("storage is not reachable")?;
+    // Wrong settings stop the worker at once; an outage does not (jobs retry until it ends).
+    match storage.check().await {
+        Ok(()) => {}
+        Err(e) if e.is_retryable() => {
+            tracing::warn!("storage is unreachable for now; kits will retry: {e}");
+        }
+        Err(e) => return Err(e).context("storage refused the worker's settings"),
+    }
     let deps = deps(ledger, storage)?;
     let mut cfg = WorkerConfig::new(queues, concurrency);
     cfg.grace = grace;

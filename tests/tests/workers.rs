@@ -1,0 +1,219 @@
+//! `kiln work` processes on PostgreSQL: SIGTERM lets a running kit finish and exits 0; storage
+//! going down mid-flight makes jobs retry with growing delays, charging nothing until a kit
+//! succeeds, and releasing after the last attempt.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{
+    PgDb, S3_ACCESS_KEY, S3_SECRET_KEY, S3Server, Scratch, count, kiln_cmd, ok, psql_on,
+    start_worker,
+};
+
+struct Order {
+    account: String,
+    design: std::path::PathBuf,
+    spec: std::path::PathBuf,
+}
+
+fn setup(db: &str, dir: &Path, env: &[(&str, &str)], storage: &Path) -> Order {
+    let mut cmd = kiln_cmd(db, storage);
+    cmd.envs(env.iter().copied());
+    let created = ok(&cmd
+        .args(["accounts", "create", "--plan", "discover", "--json"])
+        .output()
+        .expect("create account"));
+    let account: serde_json::Value = serde_json::from_str(&created).expect("account JSON");
+    let design = dir.join("design.jpg");
+    let spec = dir.join("spec.json");
+    std::fs::write(
+        &design,
+        kiln_assets::encode_jpeg(&kiln_assets::sample::ring(1000), 90).expect("jpeg"),
+    )
+    .expect("write design");
+    std::fs::write(&spec, kiln_assets::sample::SPEC_JSON).expect("write spec");
+    Order {
+        account: account["id"].as_str().expect("id").to_owned(),
+        design,
+        spec,
+    }
+}
+
+fn create(cmd: &mut Command, o: &Order, kit: &str, key: &str) -> String {
+    ok(&cmd
+        .args(["kits", "create", "--account", &o.account, "--kit", kit])
+        .args(["--idempotency-key", key, "--design"])
+        .arg(&o.design)
+        .arg("--spec")
+        .arg(&o.spec)
+        .output()
+        .expect("kits create"))
+    .trim()
+    .to_owned()
+}
+
+fn field(db: &str, id: &str, expr: &str) -> String {
+    psql_on(
+        db,
+        &format!("SELECT {expr} FROM kit_jobs WHERE id = '{id}'"),
+    )
+}
+
+fn wait_for(what: &str, deadline: Instant, mut done: impl FnMut() -> bool) {
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_lets_the_running_kit_finish_and_exits_zero() {
+    let pg = PgDb::new();
+    let dir = Scratch::new();
+    let storage = dir.0.join("objects");
+    let o = setup(&pg.url, &dir.0, &[], &storage);
+    let log = dir.0.join("worker.log");
+    let mut worker = start_worker(&pg.url, &storage, &log);
+    let id = create(&mut kiln_cmd(&pg.url, &storage), &o, "caratzon", "term-1");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    wait_for("the kit to be mid-flight", deadline, || {
+        field(&pg.url, &id, "steps_done") != "0"
+    });
+    let term = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let status = worker.wait().expect("worker exits");
+    assert!(
+        status.success(),
+        "kiln work exited with {status}; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(field(&pg.url, &id, "status"), "succeeded");
+    assert_eq!(
+        field(
+            &pg.url,
+            &id,
+            "(SELECT state FROM reservations r WHERE r.id = reservation_id)"
+        ),
+        "committed"
+    );
+    // Nothing is left held by the worker that stopped.
+    assert_eq!(
+        psql_on(
+            &pg.url,
+            "SELECT COUNT(*) FROM apalis.jobs WHERE status = 'Running'"
+        ),
+        "0"
+    );
+    assert_eq!(count(&pg.url, "status = 'running'"), 0);
+}
+
+#[test]
+fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
+    let pg = PgDb::new();
+    let dir = Scratch::new();
+    let mut s3 = S3Server::start();
+    let endpoint = s3.endpoint.clone();
+    let env = [
+        ("KILN_S3_ENDPOINT", endpoint.as_str()),
+        ("KILN_S3_REGION", "us-east-1"),
+        ("KILN_S3_ACCESS_KEY_ID", S3_ACCESS_KEY),
+        ("KILN_S3_SECRET_ACCESS_KEY", S3_SECRET_KEY),
+        ("KILN_RETRY_BASE_MS", "200"),
+    ];
+    let storage = Path::new("s3://kiln-test");
+    let cmd = |max_attempts: &str| {
+        let mut c = kiln_cmd(&pg.url, storage);
+        c.envs(env.iter().copied())
+            .env("KILN_MAX_ATTEMPTS", max_attempts);
+        c
+    };
+    let o = setup(&pg.url, &dir.0, &env, storage);
+    // Both uploads are stored while S3 is up; then it goes down.
+    let patient = create(&mut cmd("12"), &o, "essentials", "patient");
+    let hasty = create(&mut cmd("2"), &o, "essentials", "hasty");
+    s3.stop();
+
+    let log = dir.0.join("worker.log");
+    let mut worker = cmd("12")
+        .args(["work", "--concurrency", "2", "--grace-secs", "5"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("kiln work");
+    let deadline = Instant::now() + Duration::from_secs(120);
+
+    // The job with two attempts fails after its second and releases its credits.
+    wait_for("the hasty job to fail", deadline, || {
+        field(&pg.url, &hasty, "status") == "failed"
+    });
+    assert_eq!(field(&pg.url, &hasty, "attempts"), "2");
+    assert_eq!(field(&pg.url, &hasty, "error_code"), "storage_unavailable");
+    assert_eq!(
+        field(
+            &pg.url,
+            &hasty,
+            "(SELECT state FROM reservations r WHERE r.id = reservation_id)"
+        ),
+        "released"
+    );
+
+    // The patient one is handed back with a longer delay each time, its credits still held.
+    let mut delays: Vec<(u32, i64)> = Vec::new();
+    wait_for("two retries of the patient job", deadline, || {
+        let row = field(
+            &pg.url,
+            &patient,
+            "attempts || ' ' || status || ' ' || (run_at_ms - updated_at_ms)",
+        );
+        let parts: Vec<&str> = row.split(' ').collect();
+        if parts[1] == "queued" {
+            let attempt: u32 = parts[0].parse().expect("attempts");
+            let delay: i64 = parts[2].parse().expect("delay");
+            if attempt > 0 && delays.last().map(|d| d.0) != Some(attempt) {
+                delays.push((attempt, delay));
+            }
+        }
+        delays.len() >= 2
+    });
+    println!("retry delays by attempt: {delays:?}");
+    for pair in delays.windows(2) {
+        assert!(pair[1].1 > pair[0].1, "delays must grow: {delays:?}");
+    }
+    assert_eq!(
+        field(
+            &pg.url,
+            &patient,
+            "(SELECT state FROM reservations r WHERE r.id = reservation_id)"
+        ),
+        "held"
+    );
+
+    s3.start_again();
+    wait_for("the patient job to succeed", deadline, || {
+        field(&pg.url, &patient, "status") == "succeeded"
+    });
+    assert_eq!(
+        field(
+            &pg.url,
+            &patient,
+            "(SELECT state FROM reservations r WHERE r.id = reservation_id)"
+        ),
+        "committed"
+    );
+    let commits = psql_on(
+        &pg.url,
+        &format!(
+            "SELECT COUNT(*) FROM journal WHERE entry = 'commit' AND reservation_id = \
+             (SELECT reservation_id FROM kit_jobs WHERE id = '{patient}')"
+        ),
+    );
+    assert_eq!(commits, "1");
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let audit = cmd("12").arg("audit").output().expect("audit");
+    assert!(ok(&audit).contains("clean"));
+}
