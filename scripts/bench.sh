@@ -3,8 +3,10 @@
 #   ledger: reserve+commit pairs per second vs pgbench -N (simple-update) TPS, same server, same
 #           clients, runs interleaved;
 #   assets: the 2000 px master and whole kits from a 4000x4000 JPEG vs vipsthumbnail making a
-#           2000 px thumbnail of the same file, all pinned to one core.
-# BENCH=ledger or BENCH=assets runs one of them. Prints Markdown tables.
+#           2000 px thumbnail of the same file, all pinned to one core;
+#   queue:  reserve+enqueue transactions per second vs pgbench -N, idle pickup latency over
+#           sequential jobs, and queue + ledger overhead as a share of an Essentials kit.
+# BENCH=ledger, BENCH=assets or BENCH=queue runs one of them. Prints Markdown tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which=${BENCH:-all}
@@ -39,7 +41,7 @@ if [ "$which" = all ] || [ "$which" = assets ]; then
 | kiln Caratzon kit | $(get caratzon) | $(ratio "$(get caratzon)" "$m_vips") |
 MD
 fi
-[ "$which" = all ] || [ "$which" = ledger ] || exit 0
+if [ "$which" = all ] || [ "$which" = ledger ] || [ "$which" = queue ]; then
 
 clients=${BENCH_CLIENTS:-8}
 seconds=${BENCH_SECONDS:-5}
@@ -48,12 +50,18 @@ admin=${KILN_TEST_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}
 root=${admin%/*}
 
 command -v pgbench >/dev/null || { echo "pgbench is missing (Debian: postgresql-contrib / postgresql-client)"; exit 1; }
-cargo build -q --release -p kiln-ledger --example ledger_bench
-bench_bin=${CARGO_TARGET_DIR:-target}/release/examples/ledger_bench
-
 recreate() { psql "$admin" -qc "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" >/dev/null; }
 recreate kiln_bench_pgbench
 pgbench -q -i -s "$clients" "$root/kiln_bench_pgbench" >/dev/null 2>&1
+pgbench_tps() {
+    pgbench -n -N -c "$clients" -j "$clients" -T "$seconds" "$root/kiln_bench_pgbench" 2>/dev/null \
+        | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
+}
+fi
+
+if [ "$which" = all ] || [ "$which" = ledger ]; then
+cargo build -q --release -p kiln-ledger --example ledger_bench
+bench_bin=${CARGO_TARGET_DIR:-target}/release/examples/ledger_bench
 
 kiln_own=() kiln_shared=() pg=()
 for i in $(seq 1 "$runs"); do
@@ -61,11 +69,10 @@ for i in $(seq 1 "$runs"); do
     kiln_own+=("$("$bench_bin" "$root/kiln_bench_ledger" "$clients" "$seconds")")
     recreate kiln_bench_ledger
     kiln_shared+=("$("$bench_bin" "$root/kiln_bench_ledger" "$clients" "$seconds" shared)")
-    pg+=("$(pgbench -n -N -c "$clients" -j "$clients" -T "$seconds" "$root/kiln_bench_pgbench" 2>/dev/null \
-        | sed -n 's/^tps = \([0-9.]*\).*/\1/p')")
+    pg+=("$(pgbench_tps)")
     echo "run $i: kiln ${kiln_own[-1]} pairs/s (own accounts), ${kiln_shared[-1]} (one account); pgbench -N ${pg[-1]} tps" >&2
 done
-psql "$admin" -qc "DROP DATABASE IF EXISTS kiln_bench_ledger WITH (FORCE)" -c "DROP DATABASE IF EXISTS kiln_bench_pgbench WITH (FORCE)" >/dev/null
+psql "$admin" -qc "DROP DATABASE IF EXISTS kiln_bench_ledger WITH (FORCE)" >/dev/null
 
 m_own=$(printf '%s\n' "${kiln_own[@]}" | median)
 m_shared=$(printf '%s\n' "${kiln_shared[@]}" | median)
@@ -78,3 +85,36 @@ cat <<MD
 | kiln reserve+commit pairs, one account per client | $m_own | $(ratio "$m_own" "$m_pg") |
 | kiln reserve+commit pairs, all clients on one account | $m_shared | $(ratio "$m_shared" "$m_pg") |
 MD
+fi
+
+if [ "$which" = all ] || [ "$which" = queue ]; then
+cargo build -q --release -p kit-worker --example queue_bench
+qbin=${CARGO_TARGET_DIR:-target}/release/examples/queue_bench
+enq=() pg=()
+for i in $(seq 1 "$runs"); do
+    recreate kiln_bench_queue
+    enq+=("$("$qbin" "$root/kiln_bench_queue" enqueue "$clients" "$seconds")")
+    pg+=("$(pgbench_tps)")
+    echo "run $i: reserve+enqueue ${enq[-1]} tx/s; pgbench -N ${pg[-1]} tps" >&2
+done
+recreate kiln_bench_queue
+pickup_jobs=${BENCH_PICKUP_JOBS:-1000}
+read -r p50 p99 < <("$qbin" "$root/kiln_bench_queue" pickup "$pickup_jobs")
+recreate kiln_bench_queue
+read -r e2e gen pub share < <("$qbin" "$root/kiln_bench_queue" overhead "${BENCH_KITS:-11}")
+psql "$admin" -qc "DROP DATABASE IF EXISTS kiln_bench_queue WITH (FORCE)" >/dev/null
+m_enq=$(printf '%s\n' "${enq[@]}" | median)
+m_pg=$(printf '%s\n' "${pg[@]}" | median)
+cat <<MD
+
+| queue ($clients clients, ${seconds}s x $runs runs, median) | value | vs anchor |
+|---|---|---|
+| pgbench -N (simple-update) transactions per second | $m_pg | 1.00 |
+| reserve + enqueue transactions per second (kiln_jobs row + apalis task + NOTIFY) | $m_enq | $(ratio "$m_enq" "$m_pg") |
+| idle pickup, enqueue commit -> claim, $pickup_jobs sequential jobs: p50 / p99 | $p50 ms / $p99 ms | goal < 10 / < 50 ms |
+| Essentials kit through the queue, end to end (median of ${BENCH_KITS:-11}) | $e2e ms | 1.00 |
+| the same kit generated directly / its files published directly | $gen ms / $pub ms | |
+| queue + ledger overhead (end to end - generate - publish) | $(awk -v s="$share" -v e="$e2e" 'BEGIN { printf "%.1f ms", s * e }') | $(awk -v s="$share" 'BEGIN { printf "%.1f%%", s * 100 }') of the kit (goal < 5%) |
+MD
+fi
+psql "$admin" -qc "DROP DATABASE IF EXISTS kiln_bench_pgbench WITH (FORCE)" >/dev/null 2>&1 || true

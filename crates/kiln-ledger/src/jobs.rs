@@ -497,6 +497,18 @@ fn vanished(id: &str) -> LedgerError {
     LedgerError::Corrupt(format!("job {id} vanished"))
 }
 
+/// Progress and lease renewals need no durability (a crash loses at most the last few, and a
+/// lost lease renewal only makes a dead attempt look dead sooner): on PostgreSQL their commits
+/// skip the WAL flush wait.
+async fn relaxed(tx: &mut Tx) -> Result<()> {
+    if let Tx::Postgres(c) = tx {
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut **c)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Records progress; `false` if `fence` is no longer current (a newer attempt owns the job).
 pub async fn progress(
     tx: &mut Tx,
@@ -505,6 +517,7 @@ pub async fn progress(
     fence: i64,
     p: &Progress,
 ) -> Result<bool> {
+    relaxed(tx).await?;
     let n = on_tx!(tx, c => sqlx::query(
         "UPDATE kit_jobs SET step = $3, steps_done = $4, steps_total = $5, updated_at_ms = $6 \
          WHERE id = $1 AND fence = $2 AND status = 'running'",
@@ -523,6 +536,7 @@ pub async fn progress(
 
 /// Renews the running attempt's lease; `false` if `fence` is no longer current.
 pub async fn touch(tx: &mut Tx, now: Timestamp, id: &str, fence: i64) -> Result<bool> {
+    relaxed(tx).await?;
     let n = on_tx!(tx, c => sqlx::query(
         "UPDATE kit_jobs SET updated_at_ms = $3 WHERE id = $1 AND fence = $2 AND status = 'running'",
     )

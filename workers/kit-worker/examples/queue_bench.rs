@@ -1,0 +1,260 @@
+//! Queue figures for `make bench` (scripts/bench.sh), on PostgreSQL:
+//!
+//! `queue_bench <database-url> enqueue [clients] [seconds]` — reserve + enqueue transactions per
+//! second (8 clients, one enterprise account each), printed as one number.
+//! `queue_bench <database-url> pickup [jobs]` — with an idle `kit_worker::run` in this process,
+//! enqueue one job at a time and time enqueue (commit) -> claim (the job's start), over `jobs`
+//! sequential jobs whose upload is missing, so each ends at once; prints `p50_ms p99_ms`.
+//! `queue_bench <database-url> overhead [kits]` — Essentials kits end to end through the queue
+//! (enqueue -> succeeded) against the same kit generated directly and published directly;
+//! prints `median_e2e_ms median_generate_ms median_publish_ms queue_ledger_share`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_assets::Generator;
+use kiln_core::Kit;
+use kiln_ledger::jobs::{self, JobStatus, NewJob};
+use kiln_ledger::{Credits, Db, DbOptions, Ledger, NewAccount, PlanId, Pricing, SystemClock};
+use kiln_storage::{LocalStore, ObjectKey, Storage};
+use kit_worker::{Deps, WorkerConfig};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+async fn account(ledger: &Ledger) -> Result<kiln_core::AccountId, Error> {
+    Ok(ledger
+        .create_account(NewAccount {
+            plan: PlanId::Enterprise,
+            is_admin: false,
+            email: None,
+            monthly_allowance: Some(Credits::new_const(1_000_000_000_000)),
+        })
+        .await?
+        .account
+        .id)
+}
+
+async fn enqueue(
+    ledger: &Ledger,
+    account: kiln_core::AccountId,
+    key: &str,
+    upload: &str,
+) -> Result<String, Error> {
+    let mut tx = ledger.db().begin().await?;
+    let e = jobs::enqueue(
+        &mut tx,
+        &ledger.ctx(),
+        &NewJob {
+            account,
+            kit: Kit::Essentials,
+            idempotency_key: key,
+            upload_key: upload,
+            spec: kiln_assets::sample::SPEC_JSON,
+            max_attempts: 1,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(e.job.id)
+}
+
+fn deps(ledger: &Ledger, dir: &std::path::Path) -> Result<Deps, Error> {
+    Ok(Deps {
+        ledger: ledger.clone(),
+        storage: Storage::Local(LocalStore::new(
+            dir,
+            b"queue-bench-signing-secret".to_vec(),
+            "http://127.0.0.1:0",
+        )?),
+        generator: Generator::Studio,
+        retry_base: Duration::from_secs(5),
+        lease: Duration::from_secs(20),
+    })
+}
+
+/// Waits until `until` holds, polling every 2 ms (tighter polling would load the two cores the
+/// worker renders on and inflate what is measured).
+async fn wait(
+    ledger: &Ledger,
+    id: &str,
+    until: impl Fn(&jobs::KitJob) -> bool,
+) -> Result<jobs::KitJob, Error> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut tx = ledger.db().begin_read().await?;
+        let j = jobs::job(&mut tx, id).await?.ok_or("job vanished")?;
+        drop(tx);
+        if until(&j) {
+            return Ok(j);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("job {id} stuck: {j:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: queue_bench <database-url> enqueue|pickup|overhead [n] [seconds]";
+    let url = args.get(1).ok_or(usage)?;
+    let mode = args.get(2).ok_or(usage)?.as_str();
+    let n: usize = args.get(3).map_or(Ok(0), |s| s.parse())?;
+    let db = Db::connect_with(
+        url,
+        &DbOptions {
+            max_connections: 16,
+            ..DbOptions::default()
+        },
+    )
+    .await?;
+    db.migrate().await?;
+    let ledger = Ledger::new(db, Arc::new(Pricing::default()), Arc::new(SystemClock));
+    let dir = std::env::temp_dir().join(format!("kiln-queue-bench-{}", std::process::id()));
+
+    match mode {
+        "enqueue" => {
+            let clients = if n == 0 { 8 } else { n };
+            let seconds: u64 = args.get(4).map_or(Ok(5), |s| s.parse())?;
+            let mut accounts = Vec::new();
+            for _ in 0..clients {
+                accounts.push(account(&ledger).await?);
+            }
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for (c, a) in accounts.into_iter().enumerate() {
+                let ledger = ledger.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut done = 0u64;
+                    while Instant::now() < deadline {
+                        enqueue(
+                            &ledger,
+                            a,
+                            &format!("bench-{c}-{done}"),
+                            "uploads/bench.jpg",
+                        )
+                        .await?;
+                        done += 1;
+                    }
+                    Ok::<u64, Error>(done)
+                }));
+            }
+            let mut total = 0;
+            for t in tasks {
+                total += t.await??;
+            }
+            #[allow(clippy::cast_precision_loss)]
+            let rate = total as f64 / started.elapsed().as_secs_f64();
+            println!("{rate:.0}");
+        }
+        "pickup" => {
+            let jobs_n = if n == 0 { 1000 } else { n };
+            let a = account(&ledger).await?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let mut cfg = WorkerConfig::new(vec![Kit::Essentials], 1);
+            cfg.grace = Duration::from_secs(5);
+            let worker = tokio::spawn(kit_worker::run(deps(&ledger, &dir)?, cfg, async move {
+                let _ = stopped.await;
+            }));
+            // Let the worker start listening before the first job.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut lat = Vec::with_capacity(jobs_n);
+            for i in 0..jobs_n {
+                // A missing upload: the worker claims the job, finds nothing and fails it.
+                let id = enqueue(&ledger, a, &format!("pickup-{i}"), "uploads/missing.jpg").await?;
+                let j = wait(&ledger, &id, |j| j.status.is_terminal()).await?;
+                let started = j.started_at.ok_or("never started")?;
+                #[allow(clippy::cast_precision_loss)]
+                lat.push((started.millis() - j.created_at.millis()) as f64);
+            }
+            let _ = stop.send(());
+            worker.await??;
+            println!(
+                "{:.1} {:.1}",
+                percentile(&mut lat, 0.5),
+                percentile(&mut lat, 0.99)
+            );
+        }
+        "overhead" => {
+            let kits = if n == 0 { 11 } else { n };
+            let a = account(&ledger).await?;
+            let d = deps(&ledger, &dir)?;
+            let upload = kiln_assets::encode_jpeg(&kiln_assets::sample::ring(2400), 92)?;
+            let key = ObjectKey::upload(a, &kiln_assets::sha256_hex(&upload), "jpg")?;
+            d.storage
+                .put(&key, upload.clone().into(), "image/jpeg")
+                .await?;
+            let spec =
+                kiln_core::ProductSpec::from_json(kiln_assets::sample::SPEC_JSON.as_bytes())?;
+            let (mut direct, mut publish) = (Vec::new(), Vec::new());
+            for i in 0..kits {
+                let t = Instant::now();
+                let assets = Generator::Studio
+                    .generate(
+                        upload.clone().into(),
+                        &spec,
+                        Kit::Essentials,
+                        Arc::new(|_| {}),
+                    )
+                    .await?;
+                direct.push(t.elapsed().as_secs_f64() * 1000.0);
+                // Publishing alone: the same files written to the same store.
+                let t = Instant::now();
+                for a in &assets {
+                    let k = ObjectKey::kit(&format!("direct{i}"), &a.path)?;
+                    d.storage
+                        .put(&k, a.bytes.clone().into(), a.content_type)
+                        .await?;
+                }
+                publish.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let worker = tokio::spawn(kit_worker::run(
+                d.clone(),
+                WorkerConfig::new(vec![Kit::Essentials], 1),
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut e2e = Vec::new();
+            for i in 0..kits {
+                let t = Instant::now();
+                let id = enqueue(&ledger, a, &format!("overhead-{i}"), key.as_str()).await?;
+                let j = wait(&ledger, &id, |j| j.status.is_terminal()).await?;
+                if j.status != JobStatus::Succeeded {
+                    return Err(format!("kit failed: {j:?}").into());
+                }
+                e2e.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            let _ = stop.send(());
+            worker.await??;
+            let (m_e2e, m_gen, m_pub) =
+                (median(&mut e2e), median(&mut direct), median(&mut publish));
+            // Queue + ledger: what is left after generating and publishing.
+            let queue = m_e2e - m_gen - m_pub;
+            println!("{m_e2e:.1} {m_gen:.1} {m_pub:.1} {:.3}", queue / m_e2e);
+        }
+        _ => return Err(usage.into()),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
