@@ -186,6 +186,21 @@ pub fn count(db: &str, filter: &str) -> u32 {
         .expect("count")
 }
 
+/// How many `commit` entries the journal holds for each job's reservation.
+pub fn commits_per_job(db: &str) -> std::collections::HashMap<String, u32> {
+    psql_on(
+        db,
+        "SELECT j.id || ' ' || COUNT(e.seq) FROM kit_jobs j LEFT JOIN journal e \
+         ON e.reservation_id = j.reservation_id AND e.entry = 'commit' GROUP BY j.id",
+    )
+    .lines()
+    .map(|l| {
+        let (id, n) = l.split_once(' ').expect("row");
+        (id.to_owned(), n.parse().expect("count"))
+    })
+    .collect()
+}
+
 pub fn open_jobs(db: &str) -> u32 {
     count(db, "status IN ('queued', 'running')")
 }

@@ -3,11 +3,12 @@
 //! Every job must still end succeeded exactly once — one commit per job in the journal — with a
 //! complete manifest, and `kiln audit` must be clean.
 
-use std::collections::HashMap;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{PgDb, Scratch, count, kiln_cmd, ok, open_jobs, psql_on as psql, start_worker};
+use kiln_e2e::{
+    PgDb, Scratch, commits_per_job, count, kiln_cmd, ok, open_jobs, psql_on as psql, start_worker,
+};
 
 fn seed() -> u64 {
     std::env::var("KILN_CRASH_SEED")
@@ -140,17 +141,7 @@ fn workers_killed_mid_kit_still_finish_every_job_exactly_once() {
     assert!(retried >= 1, "no kit was interrupted: the kills missed");
     println!("{retried} of {} jobs ran more than once", jobs.len());
     // Exactly one commit per job, in the append-only journal.
-    let commits: HashMap<String, u32> = psql(
-        &pg.url,
-        "SELECT j.id || ' ' || COUNT(e.seq) FROM kit_jobs j LEFT JOIN journal e \
-         ON e.reservation_id = j.reservation_id AND e.entry = 'commit' GROUP BY j.id",
-    )
-    .lines()
-    .map(|l| {
-        let (id, n) = l.split_once(' ').expect("row");
-        (id.to_owned(), n.parse().expect("count"))
-    })
-    .collect();
+    let commits = commits_per_job(&pg.url);
     for id in &jobs {
         assert_eq!(
             commits.get(id),
