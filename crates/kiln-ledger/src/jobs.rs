@@ -318,7 +318,45 @@ pub struct Enqueued {
 /// A replayed idempotency key returns the existing job; the same key for a different request
 /// is a conflict.
 pub async fn enqueue(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewJob<'_>) -> Result<Enqueued> {
-    if let Some(job) = job_by_key(tx, new.account, new.idempotency_key).await? {
+    // The reservation is idempotent by the same key: a replay gets the existing one back (or a
+    // conflict if the key was used for another kit), and the insert below then finds the job.
+    let reservation = ops::reserve(
+        tx,
+        ctx,
+        new.account,
+        new.kit.action(),
+        &format!("kit:{}", new.idempotency_key),
+    )
+    .await?;
+    let id = ulid::Ulid::generate().to_string();
+    let task = ulid::Ulid::generate().to_string();
+    let max_attempts = new.max_attempts.max(1);
+    let inserted = on_tx!(tx, c => sqlx::query(
+        "INSERT INTO kit_jobs (id, account_id, idempotency_key, kit, status, reservation_id, \
+         upload_key, spec, cost, max_attempts, task_id, run_at_ms, created_at_ms, updated_at_ms) \
+         VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $11, $11) \
+         ON CONFLICT (account_id, idempotency_key) DO NOTHING",
+    )
+    .bind(&id)
+    .bind(new.account.to_string())
+    .bind(new.idempotency_key)
+    .bind(new.kit.as_str())
+    .bind(reservation.id.0)
+    .bind(new.upload_key)
+    .bind(new.spec)
+    .bind(reservation.list_price.as_i64())
+    .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+    .bind(&task)
+    .bind(ctx.now.millis())
+    .execute(&mut **c)
+    .await?
+    .rows_affected());
+    if inserted == 0 {
+        let job = job_by_key(tx, new.account, new.idempotency_key)
+            .await?
+            .ok_or_else(|| {
+                LedgerError::Corrupt(format!("job for key {:?} vanished", new.idempotency_key))
+            })?;
         if job.kit != new.kit || job.upload_key != new.upload_key || job.spec != new.spec {
             return Err(LedgerError::IdempotencyConflict {
                 key: new.idempotency_key.to_owned(),
@@ -330,38 +368,38 @@ pub async fn enqueue(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewJob<'_>) -> Result<Enq
             replayed: true,
         });
     }
-    let reservation = ops::reserve(
-        tx,
-        ctx,
-        new.account,
-        new.kit.action(),
-        &format!("kit:{}", new.idempotency_key),
-    )
-    .await?;
-    let id = ulid::Ulid::generate().to_string();
-    let task = ulid::Ulid::generate().to_string();
-    on_tx!(tx, c => { sqlx::query(
-        "INSERT INTO kit_jobs (id, account_id, idempotency_key, kit, status, reservation_id, \
-         upload_key, spec, cost, max_attempts, task_id, run_at_ms, created_at_ms, updated_at_ms) \
-         VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $11, $11)",
-    )
-    .bind(&id)
-    .bind(new.account.to_string())
-    .bind(new.idempotency_key)
-    .bind(new.kit.as_str())
-    .bind(reservation.id.0)
-    .bind(new.upload_key)
-    .bind(new.spec)
-    .bind(reservation.list_price.as_i64())
-    .bind(i32::try_from(new.max_attempts.max(1)).unwrap_or(i32::MAX))
-    .bind(&task)
-    .bind(ctx.now.millis())
-    .execute(&mut **c)
-    .await?; });
     push_task(tx, new.kit, &task, &id, ctx.now).await?;
-    let job = job(tx, &id)
-        .await?
-        .ok_or_else(|| LedgerError::Corrupt(format!("job {id} vanished")))?;
+    // What was just written, without reading it back.
+    let job = KitJob {
+        id,
+        account_id: new.account,
+        idempotency_key: new.idempotency_key.to_owned(),
+        kit: new.kit,
+        status: JobStatus::Queued,
+        reservation_id: reservation.id,
+        reservation_state: reservation.state,
+        exempt: reservation.exempt,
+        upload_key: new.upload_key.to_owned(),
+        spec: new.spec.to_owned(),
+        cost: reservation.list_price,
+        attempts: 0,
+        max_attempts,
+        fence: 0,
+        worker: None,
+        task_id: task,
+        progress: Progress {
+            step: None,
+            done: 0,
+            total: 0,
+        },
+        run_at: ctx.now,
+        created_at: ctx.now,
+        started_at: None,
+        finished_at: None,
+        updated_at: ctx.now,
+        error: None,
+        manifest_key: None,
+    };
     Ok(Enqueued {
         job,
         replayed: false,
