@@ -217,3 +217,42 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
     let audit = cmd("12").arg("audit").output().expect("audit");
     assert!(ok(&audit).contains("clean"));
 }
+
+#[test]
+fn losing_the_database_makes_kiln_work_exit_non_zero() {
+    let pg = PgDb::new();
+    let dir = Scratch::new();
+    let storage = dir.0.join("objects");
+    ok(&kiln_cmd(&pg.url, &storage)
+        .arg("migrate")
+        .output()
+        .expect("migrate"));
+    let log = dir.0.join("worker.log");
+    let mut worker = start_worker(&pg.url, &storage, &log);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    wait_for("the workers to register", deadline, || {
+        psql_on(&pg.url, "SELECT COUNT(*) FROM apalis.workers") != "0"
+    });
+    // The database goes away under the running process (its connections are terminated).
+    let dropped = kiln_e2e::psql(&format!("DROP DATABASE {} WITH (FORCE)", pg.name));
+    assert!(
+        dropped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dropped.stderr)
+    );
+    let status = loop {
+        if let Some(s) = worker.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kiln work kept running without its database"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !status.success(),
+        "kiln work must exit non-zero so its supervisor restarts it; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
