@@ -156,14 +156,26 @@ pub fn kiln_cmd(db: &str, storage: &Path) -> Command {
     cmd
 }
 
+/// `kiln work --concurrency 2 --grace-secs 5`, stderr appended to `log`.
 pub fn start_worker(db: &str, storage: &Path, log: &Path) -> Child {
+    start_worker_with(
+        db,
+        storage,
+        log,
+        &["--concurrency", "2", "--grace-secs", "5"],
+    )
+}
+
+/// `kiln work <args>`, stderr appended to `log`.
+pub fn start_worker_with(db: &str, storage: &Path, log: &Path, args: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .expect("worker log");
     kiln_cmd(db, storage)
-        .args(["work", "--concurrency", "2", "--grace-secs", "5"])
+        .arg("work")
+        .args(args)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -60,20 +60,10 @@ fn three_workers_run_300_jobs_once_each_and_essentials_flow_past_a_full_caratzon
     }
 
     let log = dir.0.join("workers.log");
+    let concurrency = CONCURRENCY.to_string();
     let mut workers: Vec<Child> = (0..WORKERS)
         .map(|_| {
-            kiln_cmd(&pg.url, &storage)
-                .args(["work", "--concurrency", &CONCURRENCY.to_string()])
-                .stdout(std::process::Stdio::null())
-                .stderr(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log)
-                        .expect("log"),
-                )
-                .spawn()
-                .expect("kiln work")
+            kiln_e2e::start_worker_with(&pg.url, &storage, &log, &["--concurrency", &concurrency])
         })
         .collect();
 

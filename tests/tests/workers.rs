@@ -256,3 +256,54 @@ fn losing_the_database_makes_kiln_work_exit_non_zero() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+#[test]
+fn a_kit_still_running_when_the_grace_period_ends_is_handed_back() {
+    let pg = PgDb::new();
+    let dir = Scratch::new();
+    let storage = dir.0.join("objects");
+    let o = setup(&pg.url, &dir.0, &[], &storage);
+    let log = dir.0.join("worker.log");
+    let spawn = |grace: &str| {
+        kiln_e2e::start_worker_with(
+            &pg.url,
+            &storage,
+            &log,
+            &["--concurrency", "1", "--grace-secs", grace],
+        )
+    };
+    let mut impatient = spawn("0");
+    let id = create(&mut kiln_cmd(&pg.url, &storage), &o, "caratzon", "grace-0");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    wait_for("the kit to be mid-flight", deadline, || {
+        field(&pg.url, &id, "steps_done") != "0"
+    });
+    let fence = field(&pg.url, &id, "fence");
+    let term = Command::new("kill")
+        .args(["-TERM", &impatient.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    assert!(impatient.wait().expect("exit").success());
+    // Handed back at once: queued on a new task with a new fence, credits still held.
+    assert_eq!(field(&pg.url, &id, "status"), "queued");
+    assert!(
+        field(&pg.url, &id, "fence").parse::<i64>().expect("fence") > fence.parse().expect("fence")
+    );
+    assert_eq!(
+        field(
+            &pg.url,
+            &id,
+            "(SELECT state FROM reservations r WHERE r.id = reservation_id)"
+        ),
+        "held"
+    );
+    let mut patient = spawn("30");
+    wait_for("the kit to succeed on the next worker", deadline, || {
+        field(&pg.url, &id, "status") == "succeeded"
+    });
+    assert_eq!(field(&pg.url, &id, "attempts"), "2");
+    assert_eq!(kiln_e2e::commits_per_job(&pg.url).get(&id), Some(&1));
+    let _ = patient.kill();
+    let _ = patient.wait();
+}

@@ -855,26 +855,53 @@ pub async fn reconcile(tx: &mut Tx, ctx: &Ctx<'_>, stale_ms: i64) -> Result<Reco
             }
             continue;
         }
-        // Back to queued on a fresh task; a new fencing token shuts out any straggler.
-        let task = ulid::Ulid::generate().to_string();
-        let kit: Option<String> = on_tx!(tx, c => sqlx::query_scalar(
-            "UPDATE kit_jobs SET status = 'queued', task_id = $3, fence = fence + 1, worker = NULL, \
-             run_at_ms = $4, updated_at_ms = $4 WHERE id = $1 AND fence = $2 \
-             AND status IN ('queued', 'running') RETURNING kit",
-        )
-        .bind(&id)
-        .bind(fence)
-        .bind(&task)
-        .bind(ctx.now.millis())
-        .fetch_optional(&mut **c)
-        .await?);
-        if let Some(kit) = kit {
-            let kit: Kit = kit.parse().map_err(|_| corrupt("kit", &kit))?;
-            push_task(tx, kit, &task, &id, ctx.now).await?;
+        if requeue(tx, &id, fence, ctx.now).await? {
             out.requeued += 1;
         }
     }
     Ok(out)
+}
+
+/// Back to queued on a fresh task, due now; a new fencing token shuts out any straggler.
+/// `false` if `fence` is stale or the job has ended.
+async fn requeue(tx: &mut Tx, id: &str, fence: i64, now: Timestamp) -> Result<bool> {
+    let task = ulid::Ulid::generate().to_string();
+    let kit: Option<String> = on_tx!(tx, c => sqlx::query_scalar(
+        "UPDATE kit_jobs SET status = 'queued', task_id = $3, fence = fence + 1, worker = NULL, \
+         run_at_ms = $4, updated_at_ms = $4 WHERE id = $1 AND fence = $2 \
+         AND status IN ('queued', 'running') RETURNING kit",
+    )
+    .bind(id)
+    .bind(fence)
+    .bind(&task)
+    .bind(now.millis())
+    .fetch_optional(&mut **c)
+    .await?);
+    let Some(kit) = kit else {
+        return Ok(false);
+    };
+    let kit: Kit = kit.parse().map_err(|_| corrupt("kit", &kit))?;
+    push_task(tx, kit, &task, id, now).await?;
+    Ok(true)
+}
+
+/// Hands back the jobs still running under worker names starting with `worker_prefix` (a
+/// `kiln work` process whose grace period ran out): queued again at once on new tasks, so
+/// another worker takes them without waiting for their leases to run out. Returns how many.
+pub async fn hand_back(tx: &mut Tx, now: Timestamp, worker_prefix: &str) -> Result<u32> {
+    let held: Vec<(String, i64)> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT id, fence FROM kit_jobs WHERE status = 'running' AND worker LIKE $1",
+    )
+    .bind(format!("{worker_prefix}%"))
+    .fetch_all(&mut **c)
+    .await?);
+    let mut n = 0;
+    for (id, fence) in held {
+        if requeue(tx, &id, fence, now).await? {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Deletes finished apalis tasks older than `older_than_ms` (kit_jobs keeps the history).

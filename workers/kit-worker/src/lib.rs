@@ -230,7 +230,17 @@ pub async fn run(
             let _ = stopping.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         } => {
-            tracing::warn!(grace_s = grace.as_secs(), "grace period over; kits still running are handed back");
+            let handed = async {
+                let mut tx = deps.ledger.db().begin().await?;
+                let n = kiln_ledger::jobs::hand_back(&mut tx, deps.ledger.ctx().now, &cfg.name).await?;
+                tx.commit().await?;
+                Ok::<u32, kiln_ledger::LedgerError>(n)
+            }
+            .await;
+            match handed {
+                Ok(n) => tracing::warn!(grace_s = grace.as_secs(), handed_back = n, "grace period over; kits still running were handed back"),
+                Err(e) => tracing::error!("grace period over; handing kits back failed (their leases will run out): {e}"),
+            }
         }
     }
     first_error.map_or(Ok(()), Err)
