@@ -3,14 +3,14 @@
 //! characters for each image. Templates, not a model: every sentence states a fact from the spec.
 
 use kiln_core::{Category, ProductSpec};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub const TITLE_MAX: usize = 70;
 pub const META_MAX: usize = 160;
 pub const ALT_MAX: usize = 125;
 pub const TAG_MAX: usize = 20;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Copy {
     pub title: String,
     pub meta_description: String,

@@ -53,14 +53,12 @@ impl KitError {
     }
 }
 
-/// Steps the AI generator adds after the studio's.
-const AI_STEPS: &[(&str, Kit)] = &[("ai copy", Kit::Essentials), ("ai scene", Kit::Caratzon)];
-
-fn ai_steps(kit: Kit) -> impl Iterator<Item = &'static str> {
-    AI_STEPS
-        .iter()
-        .filter(move |(_, k)| *k == Kit::Essentials || *k == kit)
-        .map(|(name, _)| *name)
+/// Steps the AI generator adds after the studio's: the copy, and for Caratzon a scene.
+fn ai_steps(kit: Kit) -> &'static [&'static str] {
+    match kit {
+        Kit::Essentials => &["ai copy"],
+        Kit::Caratzon => &["ai copy", "ai scene"],
+    }
 }
 
 impl Generator {
@@ -106,7 +104,7 @@ impl Generator {
     ) -> Result<Vec<Asset>, KitError> {
         let extra = match self {
             Generator::Studio => 0,
-            Generator::Ai(_) => u32::try_from(ai_steps(kit).count()).unwrap_or(0),
+            Generator::Ai(_) => u32::try_from(ai_steps(kit).len()).unwrap_or(0),
         };
         let studio_progress = progress.clone();
         let owned_spec = spec.clone();
@@ -125,27 +123,21 @@ impl Generator {
         };
         let studio_total = u32::try_from(crate::kit::steps(kit).len()).unwrap_or(0);
         let total = studio_total + extra;
-        for (done, step) in (studio_total..).zip(ai_steps(kit)) {
-            progress(Step {
-                name: step,
-                done,
-                total,
-            });
-            match step {
-                "ai copy" => {
-                    let fallback = copy::write(spec);
-                    let written = ai_copy(provider, spec, &fallback).await?;
-                    replace_copy(&mut assets, &written)?;
-                }
-                _ => {
-                    let scene = ai_scene(provider, spec, &assets).await?;
-                    assets.push(scene);
-                    // The new image's alt text belongs in the copy files too.
-                    let current = current_copy(&assets)?;
-                    replace_copy(&mut assets, &current)?;
-                }
+        let mut steps = (studio_total..).zip(ai_steps(kit));
+        let mut next_step = || {
+            if let Some((done, name)) = steps.next() {
+                progress(Step { name, done, total });
             }
+        };
+        next_step();
+        let written = ai_copy(provider, spec, &copy::write(spec)).await?;
+        if kit == Kit::Caratzon {
+            next_step();
+            let scene = ai_scene(provider, spec, &assets).await?;
+            assets.push(scene);
         }
+        // Once every image is in, so the copy files carry the scene's alt text too.
+        replace_copy(&mut assets, &written)?;
         Ok(assets)
     }
 }
@@ -230,16 +222,6 @@ async fn ai_copy(
             tags
         },
     })
-}
-
-/// The copy currently in the kit's `copy/seo.json`.
-fn current_copy(assets: &[Asset]) -> Result<Copy, AssetError> {
-    let json = assets
-        .iter()
-        .find(|a| a.path == "copy/seo.json")
-        .ok_or_else(|| AssetError::Render("the kit has no copy/seo.json".into()))?;
-    serde_json::from_slice(&json.bytes)
-        .map_err(|e| AssetError::Render(format!("copy/seo.json: {e}")))
 }
 
 /// Rewrites `copy/seo.json` and `copy/seo.md` in place with `copy` and every image's alt text.
