@@ -497,7 +497,7 @@ pub async fn claim(
     }
     if current.attempts >= current.max_attempts {
         let fence = current.fence;
-        finish_failed(
+        fail(
             tx,
             ctx,
             id,
@@ -635,17 +635,6 @@ pub async fn fail(
     code: &str,
     message: &str,
 ) -> Result<bool> {
-    finish_failed(tx, ctx, id, fence, code, message).await
-}
-
-async fn finish_failed(
-    tx: &mut Tx,
-    ctx: &Ctx<'_>,
-    id: &str,
-    fence: i64,
-    code: &str,
-    message: &str,
-) -> Result<bool> {
     let reservation: Option<i64> = on_tx!(tx, c => sqlx::query_scalar(
         "UPDATE kit_jobs SET status = 'failed', finished_at_ms = $3, updated_at_ms = $3, \
          error_code = $4, error_message = $5 \
@@ -666,7 +655,7 @@ async fn finish_failed(
 }
 
 /// Hands the job back to the queue to run again at `run_at` on a new task (kiln's own backoff:
-/// apalis would retry at once). `false` if `fence` is stale.
+/// apalis would retry at once), recording why. `false` if `fence` is stale.
 pub async fn retry_later(
     tx: &mut Tx,
     now: Timestamp,
@@ -676,27 +665,7 @@ pub async fn retry_later(
     code: &str,
     message: &str,
 ) -> Result<bool> {
-    let task = ulid::Ulid::generate().to_string();
-    let kit: Option<String> = on_tx!(tx, c => sqlx::query_scalar(
-        "UPDATE kit_jobs SET status = 'queued', task_id = $3, run_at_ms = $4, updated_at_ms = $5, \
-         error_code = $6, error_message = $7, worker = NULL \
-         WHERE id = $1 AND fence = $2 AND status = 'running' RETURNING kit",
-    )
-    .bind(id)
-    .bind(fence)
-    .bind(&task)
-    .bind(run_at.millis())
-    .bind(now.millis())
-    .bind(code)
-    .bind(message)
-    .fetch_optional(&mut **c)
-    .await?);
-    let Some(kit) = kit else {
-        return Ok(false);
-    };
-    let kit: Kit = kit.parse().map_err(|_| corrupt("kit", &kit))?;
-    push_task(tx, kit, &task, id, run_at).await?;
-    Ok(true)
+    requeue(tx, id, fence, now, run_at, Some((code, message))).await
 }
 
 /// Cancels a queued job of `account`'s and releases its credits. Any other status is
@@ -841,7 +810,7 @@ pub async fn reconcile(tx: &mut Tx, ctx: &Ctx<'_>, stale_ms: i64) -> Result<Reco
         .await?);
     for (id, fence, attempts, max) in orphans {
         if attempts >= max {
-            if finish_failed(
+            if fail(
                 tx,
                 ctx,
                 &id,
@@ -855,33 +824,45 @@ pub async fn reconcile(tx: &mut Tx, ctx: &Ctx<'_>, stale_ms: i64) -> Result<Reco
             }
             continue;
         }
-        if requeue(tx, &id, fence, ctx.now).await? {
+        if requeue(tx, &id, fence, ctx.now, ctx.now, None).await? {
             out.requeued += 1;
         }
     }
     Ok(out)
 }
 
-/// Back to queued on a fresh task, due now; a new fencing token shuts out any straggler.
-/// `false` if `fence` is stale or the job has ended.
-async fn requeue(tx: &mut Tx, id: &str, fence: i64, now: Timestamp) -> Result<bool> {
+/// Back to queued on a fresh task due at `run_at`, with a new fencing token that shuts out any
+/// straggler; `error` (code, message) is recorded when given. `false` if `fence` is stale or the
+/// job has ended.
+async fn requeue(
+    tx: &mut Tx,
+    id: &str,
+    fence: i64,
+    now: Timestamp,
+    run_at: Timestamp,
+    error: Option<(&str, &str)>,
+) -> Result<bool> {
     let task = ulid::Ulid::generate().to_string();
     let kit: Option<String> = on_tx!(tx, c => sqlx::query_scalar(
         "UPDATE kit_jobs SET status = 'queued', task_id = $3, fence = fence + 1, worker = NULL, \
-         run_at_ms = $4, updated_at_ms = $4 WHERE id = $1 AND fence = $2 \
-         AND status IN ('queued', 'running') RETURNING kit",
+         run_at_ms = $4, updated_at_ms = $5, error_code = COALESCE($6, error_code), \
+         error_message = COALESCE($7, error_message) \
+         WHERE id = $1 AND fence = $2 AND status IN ('queued', 'running') RETURNING kit",
     )
     .bind(id)
     .bind(fence)
     .bind(&task)
+    .bind(run_at.millis())
     .bind(now.millis())
+    .bind(error.map(|e| e.0))
+    .bind(error.map(|e| e.1))
     .fetch_optional(&mut **c)
     .await?);
     let Some(kit) = kit else {
         return Ok(false);
     };
     let kit: Kit = kit.parse().map_err(|_| corrupt("kit", &kit))?;
-    push_task(tx, kit, &task, id, now).await?;
+    push_task(tx, kit, &task, id, run_at).await?;
     Ok(true)
 }
 
@@ -897,7 +878,7 @@ pub async fn hand_back(tx: &mut Tx, now: Timestamp, worker_prefix: &str) -> Resu
     .await?);
     let mut n = 0;
     for (id, fence) in held {
-        if requeue(tx, &id, fence, now).await? {
+        if requeue(tx, &id, fence, now, now, None).await? {
             n += 1;
         }
     }
