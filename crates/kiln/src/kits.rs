@@ -180,11 +180,40 @@ pub struct NewKit<'a> {
     pub key: Option<String>,
 }
 
+fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+}
+
+/// Orders one kit through the producer (reserve + enqueue), with the configured attempts.
+async fn order(
+    ledger: &Ledger,
+    storage: &Storage,
+    account: AccountId,
+    kit: Kit,
+    design: Bytes,
+    spec: &[u8],
+    key: &str,
+) -> anyhow::Result<KitJob> {
+    let accepted = kiln_producer::intake(
+        ledger,
+        storage,
+        kiln_producer::Order {
+            account,
+            kit,
+            design,
+            spec_json: spec,
+            idempotency_key: key,
+            max_attempts: max_attempts()?,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
+    Ok(accepted.job)
+}
+
 pub async fn create(ledger: &Ledger, config: &Config, k: NewKit<'_>) -> anyhow::Result<KitJob> {
-    let design = std::fs::read(k.design)
-        .with_context(|| format!("cannot read the design {}", k.design.display()))?;
-    let spec = std::fs::read(k.spec)
-        .with_context(|| format!("cannot read the spec {}", k.spec.display()))?;
+    let design = read(k.design, "design")?;
+    let spec = read(k.spec, "spec")?;
     let storage = open_storage(config).await?;
     // Without a key, one derived from the inputs: running the same command twice is one order.
     let key = k.key.unwrap_or_else(|| {
@@ -193,21 +222,16 @@ pub async fn create(ledger: &Ledger, config: &Config, k: NewKit<'_>) -> anyhow::
         all.extend_from_slice(k.kit.as_str().as_bytes());
         format!("cli-{}", &kiln_assets::sha256_hex(&all)[..32])
     });
-    let accepted = kiln_producer::intake(
+    order(
         ledger,
         &storage,
-        kiln_producer::Order {
-            account: k.account,
-            kit: k.kit,
-            design: Bytes::from(design),
-            spec_json: &spec,
-            idempotency_key: &key,
-            max_attempts: max_attempts()?,
-        },
+        k.account,
+        k.kit,
+        Bytes::from(design),
+        &spec,
+        &key,
     )
     .await
-    .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
-    Ok(accepted.job)
 }
 
 pub async fn job(ledger: &Ledger, id: &str) -> anyhow::Result<KitJob> {
@@ -313,12 +337,12 @@ pub async fn demo(
     kits: &[Kit],
 ) -> anyhow::Result<()> {
     let storage = open_storage(config).await?;
-    let design = match design {
-        Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+    let design = Bytes::from(match design {
+        Some(p) => read(p, "design")?,
         None => kiln_assets::encode_jpeg(&kiln_assets::sample::ring(2400), 92)?,
-    };
+    });
     let spec = match spec {
-        Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+        Some(p) => read(p, "spec")?,
         None => kiln_assets::sample::SPEC_JSON.as_bytes().to_vec(),
     };
     let account = ledger
@@ -350,25 +374,21 @@ pub async fn demo(
     let run_id = ulid::Ulid::generate();
     let mut finished = Vec::new();
     for &kit in kits {
-        let accepted = kiln_producer::intake(
+        let job = order(
             ledger,
             &storage,
-            kiln_producer::Order {
-                account,
-                kit,
-                design: Bytes::from(design.clone()),
-                spec_json: &spec,
-                idempotency_key: &format!("demo-{run_id}-{kit}"),
-                max_attempts: max_attempts()?,
-            },
+            account,
+            kit,
+            design.clone(),
+            &spec,
+            &format!("demo-{run_id}-{kit}"),
         )
-        .await
-        .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
+        .await?;
         println!(
             "{kit} kit: job {} queued, {} credits held",
-            accepted.job.id, accepted.job.cost
+            job.id, job.cost
         );
-        finished.push(wait(ledger, &accepted.job.id, kit.as_str()).await?);
+        finished.push(wait(ledger, &job.id, kit.as_str()).await?);
     }
     let _ = stop.send(());
     worker.await.context("worker task")?.context("worker")?;
