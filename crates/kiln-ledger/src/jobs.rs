@@ -314,10 +314,27 @@ pub struct Enqueued {
     pub replayed: bool,
 }
 
+/// The key of a job's reservation: its idempotency key, prefixed (the audit finds kit
+/// reservations by it).
+fn reservation_key(key: &str) -> String {
+    format!("kit:{key}")
+}
+
+/// Checks an idempotency key the way `enqueue` will use it, so callers can refuse a bad one
+/// before doing any work for it.
+pub fn check_key(key: &str) -> Result<()> {
+    let what = "idempotency key (with its kit: prefix)";
+    if key.is_empty() {
+        return Err(LedgerError::BadKey { what });
+    }
+    ops::check_key(&reservation_key(key), what)
+}
+
 /// Reserves the kit's credits, inserts the job and pushes its apalis task, all in `tx`.
 /// A replayed idempotency key returns the existing job; the same key for a different request
 /// is a conflict.
 pub async fn enqueue(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewJob<'_>) -> Result<Enqueued> {
+    check_key(new.idempotency_key)?;
     // The reservation is idempotent by the same key: a replay gets the existing one back (or a
     // conflict if the key was used for another kit), and the insert below then finds the job.
     let reservation = ops::reserve(
@@ -325,7 +342,7 @@ pub async fn enqueue(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewJob<'_>) -> Result<Enq
         ctx,
         new.account,
         new.kit.action(),
-        &format!("kit:{}", new.idempotency_key),
+        &reservation_key(new.idempotency_key),
     )
     .await?;
     let id = ulid::Ulid::generate().to_string();

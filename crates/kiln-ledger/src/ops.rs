@@ -736,7 +736,7 @@ async fn touch_with(
 // ---------------------------------------------------------------------------------------------
 // Operations.
 
-fn check_key(key: &str, what: &'static str) -> Result<()> {
+pub(crate) fn check_key(key: &str, what: &'static str) -> Result<()> {
     let ok = (1..=200).contains(&key.chars().count()) && key.chars().all(|c| !c.is_control());
     if ok {
         Ok(())

@@ -22,7 +22,7 @@ pub enum IntakeError {
     Upload(AssetError),
     #[error("invalid product spec: {0}")]
     Spec(#[from] kiln_core::SpecError),
-    #[error("idempotency key must be 1-200 printable characters")]
+    #[error("idempotency key must be 1-196 printable characters")]
     BadKey,
     #[error(transparent)]
     Ledger(#[from] LedgerError),
@@ -73,9 +73,7 @@ pub async fn intake(
     order: Order<'_>,
 ) -> Result<Accepted, IntakeError> {
     let key = order.idempotency_key;
-    if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
-        return Err(IntakeError::BadKey);
-    }
+    jobs::check_key(key).map_err(|_| IntakeError::BadKey)?;
     let probe =
         kiln_assets::probe(&order.design, &Limits::default()).map_err(IntakeError::Upload)?;
     let spec = ProductSpec::from_json(order.spec_json)?;

@@ -21,6 +21,7 @@ backends!(
     a_permanent_failure_releases_at_once,
     duplicate_deliveries_commit_once,
     shutdown_lets_a_running_kit_finish,
+    a_bad_idempotency_key_is_refused_before_anything_is_stored,
 );
 
 struct Rig {
@@ -241,4 +242,34 @@ async fn shutdown_lets_a_running_kit_finish(backend: Backend) {
         "{done:?}"
     );
     assert_clean(&rig).await;
+}
+
+async fn a_bad_idempotency_key_is_refused_before_anything_is_stored(backend: Backend) {
+    let rig = rig(backend).await;
+    // 197 characters: within 200, but not once the reservation's `kit:` prefix is added.
+    for key in [String::new(), "k".repeat(197), "tab\tkey".to_owned()] {
+        let e = intake(
+            &rig.deps.ledger,
+            &rig.deps.storage,
+            Order {
+                account: rig.account,
+                kit: Kit::Essentials,
+                design: design(),
+                spec_json: kiln_assets::sample::SPEC_JSON.as_bytes(),
+                idempotency_key: &key,
+                max_attempts: kiln_producer::MAX_ATTEMPTS,
+            },
+        )
+        .await
+        .expect_err("bad key");
+        assert_eq!(e.code(), "invalid_idempotency_key", "{key:?}: {e}");
+    }
+    assert!(
+        !rig.dir.join("uploads").exists(),
+        "nothing may be stored for a refused order"
+    );
+    let b = rig.deps.ledger.balance(rig.account).await.expect("balance");
+    assert_eq!(b.held.get(), 0);
+    // 196 characters is accepted.
+    order(&rig, Kit::Essentials, design(), &"k".repeat(196)).await;
 }
