@@ -137,6 +137,19 @@ impl Db {
                 apalis_postgres::PostgresStorage::migrations()
                     .run(pool)
                     .await?;
+                // After apalis's migrations, every time (a later apalis version could bring
+                // them back): kiln writes every task itself and wakes workers itself, after
+                // its commit, because a NOTIFY inside the enqueue transaction serializes
+                // enqueue commits (docs/JOBS.md); and two of apalis's indexes duplicate
+                // others (`unique_job_id` = the primary key, `lidx` = `idx_apalis_jobs_lock_by`),
+                // costing every task insert and status change for nothing.
+                sqlx::raw_sql(
+                    "DROP TRIGGER IF EXISTS notify_workers ON apalis.jobs; \
+                     DROP INDEX IF EXISTS apalis.unique_job_id; \
+                     DROP INDEX IF EXISTS apalis.lidx;",
+                )
+                .execute(pool)
+                .await?;
             }
             Db::Sqlite(pool) => {
                 let mut m = sqlx::migrate!("../../migrations/sqlite");

@@ -77,6 +77,8 @@ pub struct Ledger {
     db: Db,
     pricing: Arc<Pricing>,
     clock: Arc<dyn Clock>,
+    /// Wake-ups for workers, sent after enqueue commits and batched across callers.
+    wakes: Arc<jobs::Wakes>,
 }
 
 /// Runs one `ops` function in a transaction of its own, committing only on success.
@@ -93,11 +95,20 @@ macro_rules! in_tx {
 
 impl Ledger {
     pub fn new(db: Db, pricing: Arc<Pricing>, clock: Arc<dyn Clock>) -> Ledger {
-        Ledger { db, pricing, clock }
+        Ledger {
+            db,
+            pricing,
+            clock,
+            wakes: Arc::default(),
+        }
     }
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    pub(crate) fn wakes(&self) -> &jobs::Wakes {
+        &self.wakes
     }
 
     pub fn pricing(&self) -> &Pricing {

@@ -900,7 +900,7 @@ async fn hold(
 // sequence means the grants are exactly as read. A mismatch writes nothing and the reserve is
 // tried again; twice unlucky, or with an expiry or renewal due, it takes the locking path.
 
-const OPTIMISTIC_ATTEMPTS: usize = 2;
+pub(crate) const OPTIMISTIC_ATTEMPTS: usize = 2;
 
 enum Optimistic {
     Done(Reservation),
@@ -918,7 +918,6 @@ pub(crate) async fn hold_optimistic(
     key: &str,
     op: Operation,
 ) -> Result<Option<Reservation>> {
-    check_key(key, "idempotency key")?;
     for _ in 0..OPTIMISTIC_ATTEMPTS {
         match try_hold_optimistic(c, ctx, id, action, key, op).await? {
             Optimistic::Done(r) => return Ok(Some(r)),
@@ -946,8 +945,14 @@ const SNAPSHOT_PG: &str = "SELECT a.*, \
 
 // Everything a reserve writes, applied only when the journal sequence is unchanged ($2). The
 // final guard divides by zero (failing, so rolling back, the whole statement) if fewer grants
-// were drawn than planned.
-const HOLD_PG: &str = "WITH a AS (UPDATE accounts SET held = $3, committed = $4, journal_seq = $5 \
+// were drawn than planned. `hold_pg!(ctes, columns)` adds more CTEs (which may read `a`, the
+// account, and `r`, the reservation; parameters from `$22`) and more result columns; the row
+// comes back only when the hold applied.
+#[rustfmt::skip]
+macro_rules! hold_pg {
+    ([$($ctes:expr),*], [$($columns:expr),*]) => {
+        concat!(
+            "WITH a AS (UPDATE accounts SET held = $3, committed = $4, journal_seq = $5 \
     WHERE id = $1 AND journal_seq = $2 RETURNING id), \
     g AS (UPDATE grants SET remaining = grants.remaining - d.amount \
     FROM a, UNNEST($14::bigint[], $15::bigint[]) AS d(id, amount) \
@@ -960,17 +965,87 @@ const HOLD_PG: &str = "WITH a AS (UPDATE accounts SET held = $3, committed = $4,
     j AS (INSERT INTO journal (account_id, seq, at_ms, entry, amount, reservation_id, action, list_price, reference, \
     available_after, held_after) SELECT a.id, e.seq, $13, e.entry, $9, r.id, $8, $10, $6, e.available_after, \
     e.held_after FROM a, r, UNNEST($17::bigint[], $18::text[], $19::bigint[], $20::bigint[]) \
-    AS e(seq, entry, available_after, held_after)) \
-    SELECT r.id, 1 / (CASE WHEN (SELECT COUNT(*) FROM g) = $21::bigint THEN 1 ELSE 0 END) AS guard FROM r";
+    AS e(seq, entry, available_after, held_after))",
+            $($ctes,)*
+            " SELECT r.id, 1 / (CASE WHEN (SELECT COUNT(*) FROM g) = $21::bigint THEN 1 ELSE 0 END) AS guard",
+            $($columns,)*
+            " FROM r"
+        )
+    };
+}
+pub(crate) use hold_pg;
 
-async fn try_hold_optimistic(
+const HOLD_PG: &str = hold_pg!([], []);
+
+/// Where an optimistic reserve stands after its read.
+pub(crate) enum OptimisticPlan {
+    /// The key was used before: this reservation (checked to be for the same request).
+    Existing(Reservation),
+    /// An expiry or renewal is due: take the locking path.
+    NeedsLock,
+    /// Ready to write with [`HoldWrite::bind`] on a [`hold_pg`] statement.
+    Write(Box<HoldWrite>),
+}
+
+/// The planned reservation and the parameters `$1`..`$21` of its guarded write.
+pub(crate) struct HoldWrite {
+    /// Its id is 0 until written.
+    pub(crate) reservation: Reservation,
+    account: String,
+    expected_seq: i64,
+    held: i64,
+    committed: i64,
+    new_seq: i64,
+    grant_ids: Vec<i64>,
+    amounts: Vec<i64>,
+    seqs: Vec<i64>,
+    entries: Vec<&'static str>,
+    available_after: Vec<i64>,
+    held_after: Vec<i64>,
+    draws: i64,
+}
+
+impl HoldWrite {
+    pub(crate) fn bind<'q, O>(
+        &'q self,
+        q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        let r = &self.reservation;
+        q.bind(&self.account)
+            .bind(self.expected_seq)
+            .bind(self.held)
+            .bind(self.committed)
+            .bind(self.new_seq)
+            .bind(&r.idempotency_key)
+            .bind(r.operation.as_str())
+            .bind(r.action.as_str())
+            .bind(r.amount.as_i64())
+            .bind(r.list_price.as_i64())
+            .bind(r.exempt)
+            .bind(r.state.as_str())
+            .bind(r.created_at.millis())
+            .bind(&self.grant_ids)
+            .bind(&self.amounts)
+            .bind(r.resolved_at.map(Timestamp::millis))
+            .bind(&self.seqs)
+            .bind(&self.entries)
+            .bind(&self.available_after)
+            .bind(&self.held_after)
+            .bind(self.draws)
+    }
+}
+
+/// The read half of the optimistic reserve: the account, its open grants and any reservation
+/// under `key`, without locks; then the plan. Works on any PostgreSQL connection.
+pub(crate) async fn plan_optimistic(
     c: &mut sqlx::PgConnection,
     ctx: &Ctx<'_>,
     id: AccountId,
     action: Action,
     key: &str,
     op: Operation,
-) -> Result<Optimistic> {
+) -> Result<OptimisticPlan> {
+    check_key(key, "idempotency key")?;
     let rows: Vec<SnapshotRow> = sqlx::query_as(SNAPSHOT_PG)
         .bind(id.to_string())
         .bind(key)
@@ -984,7 +1059,7 @@ async fn try_hold_optimistic(
             .bind(existing)
             .fetch_one(&mut *c)
             .await?;
-        return replay(row.into_reservation()?, key, action, op).map(Optimistic::Done);
+        return replay(row.into_reservation()?, key, action, op).map(OptimisticPlan::Existing);
     }
     let mut grants = Vec::new();
     let mut account = None;
@@ -1003,48 +1078,56 @@ async fn try_hold_optimistic(
             .renewed_cycle
             .is_none_or(|r| r < billing_cycle(acct.account.cycle_anchor, ctx.now).start);
     if renewal_due || grants.iter().any(|g| g.is_expired(ctx.now)) {
-        return Ok(Optimistic::NeedsLock);
+        return Ok(OptimisticPlan::NeedsLock);
     }
-    let (mut r, draws) = plan_hold(ctx, &acct, &grants, id, action, key, op)?;
+    let (r, draws) = plan_hold(ctx, &acct, &grants, id, action, key, op)?;
     let expected_seq = acct.journal_seq;
     // The journal entries, computed as `Locked` would.
     acct.held_for(&r)?;
     let entries = std::mem::take(&mut acct.entries);
     let seqs: Vec<i64> = (expected_seq + 1..).take(entries.len()).collect();
-    let new_seq = seqs.last().copied().unwrap_or(expected_seq);
-    let grant_ids: Vec<i64> = draws.iter().map(|d| d.grant_id.0).collect();
-    let amounts: Vec<i64> = draws.iter().map(|d| d.amount.as_i64()).collect();
-    let row: Option<(i64, i32)> = sqlx::query_as(HOLD_PG)
-        .bind(id.to_string())
-        .bind(expected_seq)
-        .bind(acct.totals.held.as_i64())
-        .bind(acct.totals.committed.as_i64())
-        .bind(new_seq)
-        .bind(key)
-        .bind(op.as_str())
-        .bind(action.as_str())
-        .bind(r.amount.as_i64())
-        .bind(r.list_price.as_i64())
-        .bind(r.exempt)
-        .bind(r.state.as_str())
-        .bind(ctx.now.millis())
-        .bind(&grant_ids)
-        .bind(&amounts)
-        .bind(r.resolved_at.map(Timestamp::millis))
-        .bind(&seqs)
-        .bind(column(&entries, |e| e.entry.as_str()))
-        .bind(column(&entries, |e| e.available_after.as_i64()))
-        .bind(column(&entries, |e| e.held_after.as_i64()))
-        .bind(i64::try_from(draws.len()).unwrap_or(i64::MAX))
+    Ok(OptimisticPlan::Write(Box::new(HoldWrite {
+        account: id.to_string(),
+        expected_seq,
+        held: acct.totals.held.as_i64(),
+        committed: acct.totals.committed.as_i64(),
+        new_seq: seqs.last().copied().unwrap_or(expected_seq),
+        grant_ids: draws.iter().map(|d| d.grant_id.0).collect(),
+        amounts: draws.iter().map(|d| d.amount.as_i64()).collect(),
+        seqs,
+        entries: column(&entries, |e| e.entry.as_str()),
+        available_after: column(&entries, |e| e.available_after.as_i64()),
+        held_after: column(&entries, |e| e.held_after.as_i64()),
+        draws: i64::try_from(draws.len()).unwrap_or(i64::MAX),
+        reservation: r,
+    })))
+}
+
+async fn try_hold_optimistic(
+    c: &mut sqlx::PgConnection,
+    ctx: &Ctx<'_>,
+    id: AccountId,
+    action: Action,
+    key: &str,
+    op: Operation,
+) -> Result<Optimistic> {
+    let w = match plan_optimistic(c, ctx, id, action, key, op).await? {
+        OptimisticPlan::Existing(r) => return Ok(Optimistic::Done(r)),
+        OptimisticPlan::NeedsLock => return Ok(Optimistic::NeedsLock),
+        OptimisticPlan::Write(w) => w,
+    };
+    let row: Option<(i64, i32)> = w
+        .bind(sqlx::query_as(HOLD_PG))
         .fetch_optional(&mut *c)
         .await?;
-    match row {
+    Ok(match row {
         Some((rid, _)) => {
+            let mut r = w.reservation;
             r.id = ReservationId(rid);
-            Ok(Optimistic::Done(r))
+            Optimistic::Done(r)
         }
-        None => Ok(Optimistic::Raced),
-    }
+        None => Optimistic::Raced,
+    })
 }
 
 /// What a hold will make: the reservation (its id is set once inserted) and the grants it draws

@@ -6,21 +6,22 @@ mod common;
 
 use kiln_ledger::backends;
 
-use common::{DAY, Harness};
+use common::{DAY, Harness, tasks};
 use kiln_core::Kit;
-use kiln_ledger::jobs::{self, Charge, Claim, JobStatus, KitTask, NewJob, Progress};
+use kiln_ledger::jobs::{self, Charge, Claim, JobStatus, NewJob, Progress};
 use kiln_ledger::{AccountId, Backend, Db, LedgerError, NewAccount, PlanId, Tx};
 
 backends!(
     enqueue_reserves_and_pushes_one_task_atomically,
+    submit_writes_what_enqueue_writes_and_locks_when_due,
     only_the_current_fence_finishes_a_job,
     failure_releases_and_retries_use_new_tasks,
     cancel_only_queued_jobs_of_their_owner,
     reconciler_requeues_orphans_and_resolves_charges,
 );
 
-async fn account(h: &Harness) -> AccountId {
-    h.ledger
+async fn account(ledger: &kiln_ledger::Ledger) -> AccountId {
+    ledger
         .create_account(NewAccount {
             plan: PlanId::Discover,
             is_admin: false,
@@ -73,27 +74,6 @@ async fn enqueue(
 
 async fn available(h: &Harness, id: AccountId) -> u64 {
     h.ledger.balance(id).await.expect("balance").available.get()
-}
-
-/// The apalis tasks of `queue`: (id, payload).
-async fn tasks(db: &Db, queue: &str) -> Vec<(String, KitTask)> {
-    let rows: Vec<(String, Vec<u8>)> = match db {
-        Db::Postgres(p) => {
-            sqlx::query_as("SELECT id, job FROM apalis.jobs WHERE job_type = $1 ORDER BY id")
-                .bind(queue)
-                .fetch_all(p)
-                .await
-                .expect("tasks")
-        }
-        Db::Sqlite(p) => sqlx::query_as("SELECT id, job FROM Jobs WHERE job_type = $1 ORDER BY id")
-            .bind(queue)
-            .fetch_all(p)
-            .await
-            .expect("tasks"),
-    };
-    rows.into_iter()
-        .map(|(id, job)| (id, serde_json::from_slice(&job).expect("task payload")))
-        .collect()
 }
 
 async fn delete_task(db: &Db, id: &str) {
@@ -151,7 +131,7 @@ async fn get(h: &Harness, id: &str) -> jobs::KitJob {
 
 async fn enqueue_reserves_and_pushes_one_task_atomically(backend: Backend) {
     let h = Harness::new(backend).await;
-    let acct = account(&h).await;
+    let acct = account(&h.ledger).await;
     let before = available(&h, acct).await;
     let first = enqueue(&h, acct, Kit::Essentials, "k1", "uploads/a.jpg").await;
     assert!(!first.replayed);
@@ -216,9 +196,203 @@ async fn enqueue_reserves_and_pushes_one_task_atomically(backend: Backend) {
     assert_agree(&h).await;
 }
 
+/// `submit` (one statement in autocommit on PostgreSQL) returns exactly the row it wrote,
+/// replays and conflicts like `enqueue`, and takes the locking path when a renewal is due.
+async fn submit_writes_what_enqueue_writes_and_locks_when_due(backend: Backend) {
+    let h = Harness::new(backend).await;
+    let acct = h
+        .ledger
+        .create_account(NewAccount {
+            plan: PlanId::Atelier,
+            is_admin: false,
+            email: None,
+            monthly_allowance: None,
+        })
+        .await
+        .expect("create")
+        .account
+        .id;
+    let submit = |key: &'static str, upload: &'static str| {
+        let ledger = h.ledger.clone();
+        async move { jobs::submit(&ledger, &new_job(acct, Kit::Caratzon, key, upload)).await }
+    };
+    let before = available(&h, acct).await;
+    let first = submit("s1", "uploads/a.jpg").await.expect("submit");
+    assert!(!first.replayed);
+    assert_eq!(first.job, get(&h, &first.job.id).await, "returned = stored");
+    assert_eq!(first.job.charge(), Charge::Held);
+    assert_eq!(available(&h, acct).await, before - 100);
+    let queued = tasks(h.ledger.db(), "kits.caratzon").await;
+    assert_eq!(queued.len(), 1);
+    assert_eq!(
+        (&queued[0].0, &queued[0].1.job),
+        (&first.job.task_id, &first.job.id)
+    );
+
+    let again = submit("s1", "uploads/a.jpg").await.expect("replay");
+    assert!(again.replayed);
+    assert_eq!(again.job, first.job);
+    let e = submit("s1", "uploads/b.jpg").await.expect_err("conflict");
+    assert!(matches!(e, LedgerError::IdempotencyConflict { .. }), "{e}");
+    assert_eq!(available(&h, acct).await, before - 100);
+
+    // Three months on, the renewal is due: the optimistic path stands aside for the locking one,
+    // which renews first (the old cycle's grant has expired).
+    h.clock.advance_millis(90 * DAY);
+    let late = submit("s2", "uploads/a.jpg")
+        .await
+        .expect("submit after renewal");
+    assert!(!late.replayed);
+    assert_eq!(late.job, get(&h, &late.job.id).await);
+    let b = h.ledger.balance(acct).await.expect("balance");
+    assert_eq!(b.held.get(), 200, "both kits held");
+    assert_eq!(b.available.get(), b.granted.get() - b.expired.get() - 200);
+    assert_eq!(tasks(h.ledger.db(), "kits.caratzon").await.len(), 2);
+    assert_agree(&h).await;
+}
+
+/// On PostgreSQL each due task wakes the listening workers exactly once, after its commit, and
+/// a delayed retry wakes nobody (polling finds it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wakes_listeners_once_per_due_task() {
+    let test_db = kiln_ledger::testing::TestDb::new(Backend::Postgres, 16).await;
+    let Db::Postgres(pool) = &test_db.db else {
+        unreachable!("a PostgreSQL test database")
+    };
+    let ledger = kiln_ledger::Ledger::new(
+        test_db.db.clone(),
+        std::sync::Arc::new(kiln_ledger::Pricing::default()),
+        std::sync::Arc::new(kiln_ledger::SystemClock),
+    );
+    let acct = account(&ledger).await;
+    let mut accounts = Vec::new();
+    for _ in 0..8 {
+        accounts.push(account(&ledger).await);
+    }
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+        .await
+        .expect("listen");
+    listener
+        .listen("apalis::job::insert")
+        .await
+        .expect("listen");
+    let next_task = async |l: &mut sqlx::postgres::PgListener| {
+        // A bound on a wait for something that must come, so a lost wake-up fails, not hangs.
+        let n = tokio::time::timeout(std::time::Duration::from_secs(20), l.recv())
+            .await
+            .expect("a wake-up within 20 s")
+            .expect("notification");
+        let v: serde_json::Value = serde_json::from_str(n.payload()).expect("json payload");
+        assert_eq!(v["job_type"], "kits.essentials");
+        v["id"].as_str().expect("task id").to_owned()
+    };
+    let submit = async |key: &str| {
+        jobs::submit(
+            &ledger,
+            &new_job(acct, Kit::Essentials, key, "uploads/a.jpg"),
+        )
+        .await
+        .expect("submit")
+        .job
+    };
+    let (j1, j2) = (submit("w1").await, submit("w2").await);
+    // In commit order; a second wake-up for the first task would come before the second's.
+    assert_eq!(next_task(&mut listener).await, j1.task_id);
+    assert_eq!(next_task(&mut listener).await, j2.task_id);
+
+    // The first job fails transiently and is handed back for an hour from now.
+    let mut tx = ledger.db().begin().await.expect("begin");
+    let ctx = ledger.ctx();
+    let fence = match jobs::claim(&mut tx, &ctx, &j1.id, &j1.task_id, "w", 60_000)
+        .await
+        .expect("claim")
+    {
+        Claim::Run { fence, .. } => fence,
+        other => panic!("expected to run, got {other:?}"),
+    };
+    let later = ctx.now.plus_millis(3_600_000);
+    assert!(
+        jobs::retry_later(
+            &mut tx,
+            ctx.now,
+            &j1.id,
+            fence,
+            later,
+            "storage_unavailable",
+            "down"
+        )
+        .await
+        .expect("retry later")
+    );
+    tx.commit().await.expect("commit");
+    let retried = {
+        let mut tx = ledger.db().begin_read().await.expect("begin");
+        jobs::job(&mut tx, &j1.id)
+            .await
+            .expect("job")
+            .expect("exists")
+    };
+    assert_ne!(retried.task_id, j1.task_id, "a new task");
+    let j3 = submit("w3").await;
+    assert_eq!(
+        next_task(&mut listener).await,
+        j3.task_id,
+        "the delayed retry woke nobody"
+    );
+
+    // enqueue in a caller's transaction wakes workers when it commits, never on rollback.
+    let in_tx = async |key: &str, commit: bool| {
+        let mut tx = ledger.db().begin().await.expect("begin");
+        let e = jobs::enqueue(
+            &mut tx,
+            &ledger.ctx(),
+            &new_job(acct, Kit::Essentials, key, "uploads/a.jpg"),
+        )
+        .await
+        .expect("enqueue");
+        if commit {
+            tx.commit().await.expect("commit");
+        }
+        e.job
+    };
+    in_tx("w4", false).await;
+    let j5 = in_tx("w5", true).await;
+    assert_eq!(next_task(&mut listener).await, j5.task_id);
+
+    // Concurrent submits share wake-up rounds, and every task still gets its one wake-up
+    // (those queued while a round is out go in the next round, not astray).
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..48 {
+        let ledger = ledger.clone();
+        let acct = accounts[i % accounts.len()];
+        set.spawn(async move {
+            let key = format!("burst-{i}");
+            jobs::submit(
+                &ledger,
+                &new_job(acct, Kit::Essentials, &key, "uploads/a.jpg"),
+            )
+            .await
+            .expect("submit")
+            .job
+            .task_id
+        });
+    }
+    let mut submitted = set.join_all().await;
+    let mut woken = Vec::new();
+    for _ in 0..submitted.len() {
+        woken.push(next_task(&mut listener).await);
+    }
+    submitted.sort();
+    woken.sort();
+    assert_eq!(woken, submitted);
+    // Nothing more: the next wake-up is for the next task.
+    let last = submit("after-burst").await;
+    assert_eq!(next_task(&mut listener).await, last.task_id);
+}
+
 async fn only_the_current_fence_finishes_a_job(backend: Backend) {
     let h = Harness::new(backend).await;
-    let acct = account(&h).await;
+    let acct = account(&h.ledger).await;
     let job = enqueue(&h, acct, Kit::Essentials, "k", "u").await.job;
     // The same task delivered to two workers: while the first renews its lease, the second
     // leaves the job alone; once the first goes silent, the next claim supersedes it.
@@ -307,7 +481,7 @@ async fn only_the_current_fence_finishes_a_job(backend: Backend) {
 
 async fn failure_releases_and_retries_use_new_tasks(backend: Backend) {
     let h = Harness::new(backend).await;
-    let acct = account(&h).await;
+    let acct = account(&h.ledger).await;
     let before = available(&h, acct).await;
     let job = enqueue(&h, acct, Kit::Caratzon, "k", "u").await.job;
     let fence = fence_of(&claim(&h, &job.id, &job.task_id, "w").await);
@@ -379,7 +553,7 @@ async fn failure_releases_and_retries_use_new_tasks(backend: Backend) {
 
 async fn cancel_only_queued_jobs_of_their_owner(backend: Backend) {
     let h = Harness::new(backend).await;
-    let (acct, other) = (account(&h).await, account(&h).await);
+    let (acct, other) = (account(&h.ledger).await, account(&h.ledger).await);
     let before = available(&h, acct).await;
     let queued = enqueue(&h, acct, Kit::Essentials, "a", "u").await.job;
     let running = enqueue(&h, acct, Kit::Essentials, "b", "u").await.job;
@@ -423,7 +597,7 @@ async fn cancel_only_queued_jobs_of_their_owner(backend: Backend) {
 
 async fn reconciler_requeues_orphans_and_resolves_charges(backend: Backend) {
     let h = Harness::new(backend).await;
-    let acct = account(&h).await;
+    let acct = account(&h.ledger).await;
     let job = enqueue(&h, acct, Kit::Essentials, "k", "u").await.job;
     let stale = fence_of(&claim(&h, &job.id, &job.task_id, "dead-worker").await);
     // Its task vanishes (pruned, or marked done by a stale attempt) while the job is open.

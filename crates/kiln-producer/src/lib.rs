@@ -90,11 +90,8 @@ pub async fn intake(
             .put(&upload, order.design.clone(), probe.content_type())
             .await?;
     }
-    let mut tx = ledger.db().begin().await?;
-    let ctx = ledger.ctx();
-    let enqueued = jobs::enqueue(
-        &mut tx,
-        &ctx,
+    let enqueued = jobs::submit(
+        ledger,
         &NewJob {
             account: order.account,
             kit: order.kit,
@@ -105,7 +102,6 @@ pub async fn intake(
         },
     )
     .await?;
-    tx.commit().await?;
     tracing::info!(job = %enqueued.job.id, kit = %order.kit, replayed = enqueued.replayed, "kit job accepted");
     Ok(Accepted {
         job: enqueued.job,

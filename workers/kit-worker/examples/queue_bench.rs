@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_assets::Generator;
+use kiln_assets::{Generator, Manifest};
 use kiln_core::Kit;
 use kiln_ledger::jobs::{self, JobStatus, NewJob};
 use kiln_ledger::{Credits, Db, DbOptions, Ledger, NewAccount, PlanId, Pricing, SystemClock};
@@ -56,10 +56,8 @@ async fn enqueue(
     key: &str,
     upload: &str,
 ) -> Result<String, Error> {
-    let mut tx = ledger.db().begin().await?;
-    let e = jobs::enqueue(
-        &mut tx,
-        &ledger.ctx(),
+    let e = jobs::submit(
+        ledger,
         &NewJob {
             account,
             kit: Kit::Essentials,
@@ -70,7 +68,6 @@ async fn enqueue(
         },
     )
     .await?;
-    tx.commit().await?;
     Ok(e.job.id)
 }
 
@@ -88,14 +85,16 @@ fn deps(ledger: &Ledger, dir: &std::path::Path) -> Result<Deps, Error> {
     })
 }
 
-/// Waits until `until` holds, polling every 2 ms (tighter polling would load the two cores the
-/// worker renders on and inflate what is measured).
+/// Waits until `until` holds: nothing for `quiet` (a kit's expected render time, so polling
+/// does not compete with the renderer for the two cores), then polls every millisecond.
 async fn wait(
     ledger: &Ledger,
     id: &str,
+    quiet: Duration,
     until: impl Fn(&jobs::KitJob) -> bool,
 ) -> Result<jobs::KitJob, Error> {
     let deadline = Instant::now() + Duration::from_secs(120);
+    tokio::time::sleep(quiet).await;
     loop {
         let mut tx = ledger.db().begin_read().await?;
         let j = jobs::job(&mut tx, id).await?.ok_or("job vanished")?;
@@ -106,7 +105,7 @@ async fn wait(
         if Instant::now() > deadline {
             return Err(format!("job {id} stuck: {j:?}").into());
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -120,7 +119,12 @@ async fn main() -> Result<(), Error> {
     let db = Db::connect_with(
         url,
         &DbOptions {
-            max_connections: 16,
+            // One connection per client, as pgbench has.
+            max_connections: if mode == "enqueue" && n > 0 {
+                u32::try_from(n)?
+            } else {
+                16
+            },
             ..DbOptions::default()
         },
     )
@@ -180,7 +184,7 @@ async fn main() -> Result<(), Error> {
             for i in 0..jobs_n {
                 // A missing upload: the worker claims the job, finds nothing and fails it.
                 let id = enqueue(&ledger, a, &format!("pickup-{i}"), "uploads/missing.jpg").await?;
-                let j = wait(&ledger, &id, |j| j.status.is_terminal()).await?;
+                let j = wait(&ledger, &id, Duration::ZERO, |j| j.status.is_terminal()).await?;
                 let started = j.started_at.ok_or("never started")?;
                 #[allow(clippy::cast_precision_loss)]
                 lat.push((started.millis() - j.created_at.millis()) as f64);
@@ -202,27 +206,33 @@ async fn main() -> Result<(), Error> {
             d.storage
                 .put(&key, upload.clone().into(), "image/jpeg")
                 .await?;
-            let spec =
-                kiln_core::ProductSpec::from_json(kiln_assets::sample::SPEC_JSON.as_bytes())?;
+            // The same kit without queue or ledger: the upload read from the store and the spec
+            // parsed, then rendered ("generate"); every file and the manifest written ("publish").
             let (mut direct, mut publish) = (Vec::new(), Vec::new());
             for i in 0..kits {
                 let t = Instant::now();
+                let upload = d.storage.get(&key).await?;
+                let spec =
+                    kiln_core::ProductSpec::from_json(kiln_assets::sample::SPEC_JSON.as_bytes())?;
                 let assets = Generator::Studio
                     .generate(
-                        upload.clone().into(),
+                        Arc::from(upload.as_ref()),
                         &spec,
                         Kit::Essentials,
                         Arc::new(|_| {}),
                     )
                     .await?;
                 direct.push(t.elapsed().as_secs_f64() * 1000.0);
-                // Publishing alone: the same files written to the same store.
                 let t = Instant::now();
-                for a in &assets {
-                    let k = ObjectKey::kit(&format!("direct{i}"), &a.path)?;
-                    d.storage
-                        .put(&k, a.bytes.clone().into(), a.content_type)
-                        .await?;
+                let job = format!("direct{i}");
+                let manifest = Manifest::new(&job, Kit::Essentials, "studio".into(), &assets);
+                let files = assets
+                    .iter()
+                    .map(|a| (a.path.as_str(), a.bytes.clone(), a.content_type))
+                    .chain([("manifest.json", manifest.to_json(), "application/json")]);
+                for (path, bytes, content_type) in files {
+                    let k = ObjectKey::kit(&job, path)?;
+                    d.storage.put(&k, bytes.into(), content_type).await?;
                 }
                 publish.push(t.elapsed().as_secs_f64() * 1000.0);
             }
@@ -235,16 +245,33 @@ async fn main() -> Result<(), Error> {
                 },
             ));
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let mut e2e = Vec::new();
+            // Quiet for 90% of the direct render time, then poll each millisecond.
+            let quiet = Duration::from_secs_f64(median(&mut direct) * 0.9 / 1000.0);
+            let (mut e2e, mut pickup, mut run) = (Vec::new(), Vec::new(), Vec::new());
             for i in 0..kits {
                 let t = Instant::now();
                 let id = enqueue(&ledger, a, &format!("overhead-{i}"), key.as_str()).await?;
-                let j = wait(&ledger, &id, |j| j.status.is_terminal()).await?;
+                let j = wait(&ledger, &id, quiet, |j| j.status.is_terminal()).await?;
                 if j.status != JobStatus::Succeeded {
                     return Err(format!("kit failed: {j:?}").into());
                 }
                 e2e.push(t.elapsed().as_secs_f64() * 1000.0);
+                let (created, started, finished) = (
+                    j.created_at.millis(),
+                    j.started_at.ok_or("never started")?.millis(),
+                    j.finished_at.ok_or("never finished")?.millis(),
+                );
+                #[allow(clippy::cast_precision_loss)]
+                {
+                    pickup.push((started - created) as f64);
+                    run.push((finished - started) as f64);
+                }
             }
+            eprintln!(
+                "overhead: median enqueue->claim {:.0} ms, claim->finished {:.0} ms",
+                median(&mut pickup),
+                median(&mut run)
+            );
             let _ = stop.send(());
             worker.await??;
             let (m_e2e, m_gen, m_pub) =
