@@ -101,7 +101,7 @@ recreate kiln_bench_queue
 pickup_jobs=${BENCH_PICKUP_JOBS:-1000}
 read -r p50 p99 < <("$qbin" "$root/kiln_bench_queue" pickup "$pickup_jobs")
 recreate kiln_bench_queue
-read -r e2e gen pub share < <("$qbin" "$root/kiln_bench_queue" overhead "${BENCH_KITS:-11}")
+read -r e2e gen pub share < <("$qbin" "$root/kiln_bench_queue" overhead "${BENCH_KITS:-21}")
 psql "$admin" -qc "DROP DATABASE IF EXISTS kiln_bench_queue WITH (FORCE)" >/dev/null
 m_enq=$(printf '%s\n' "${enq[@]}" | median)
 m_pg=$(printf '%s\n' "${pg[@]}" | median)
@@ -112,7 +112,7 @@ cat <<MD
 | pgbench -N (simple-update) transactions per second | $m_pg | 1.00 |
 | reserve + enqueue transactions per second (kiln_jobs row + apalis task + NOTIFY) | $m_enq | $(ratio "$m_enq" "$m_pg") |
 | idle pickup, enqueue commit -> claim, $pickup_jobs sequential jobs: p50 / p99 | $p50 ms / $p99 ms | goal < 10 / < 50 ms |
-| Essentials kit through the queue, end to end (median of ${BENCH_KITS:-11}) | $e2e ms | 1.00 |
+| Essentials kit through the queue, end to end (median of ${BENCH_KITS:-21}) | $e2e ms | 1.00 |
 | the same kit generated directly / its files published directly | $gen ms / $pub ms | |
 | queue + ledger overhead (end to end - generate - publish) | $(awk -v s="$share" -v e="$e2e" 'BEGIN { printf "%.1f ms", s * e }') | $(awk -v s="$share" 'BEGIN { printf "%.1f%%", s * 100 }') of the kit (goal < 5%) |
 MD

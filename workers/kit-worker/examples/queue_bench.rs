@@ -1,13 +1,17 @@
 //! Queue figures for `make bench` (scripts/bench.sh), on PostgreSQL:
 //!
 //! `queue_bench <database-url> enqueue [clients] [seconds]` — reserve + enqueue transactions per
-//! second (8 clients, one enterprise account each), printed as one number.
+//! second (`jobs::submit`; 8 clients, one connection and one enterprise account each), printed
+//! as one number.
 //! `queue_bench <database-url> pickup [jobs]` — with an idle `kit_worker::run` in this process,
-//! enqueue one job at a time and time enqueue (commit) -> claim (the job's start), over `jobs`
-//! sequential jobs whose upload is missing, so each ends at once; prints `p50_ms p99_ms`.
+//! enqueue one job at a time and time enqueue (its start) -> claim (the job's start), over
+//! `jobs` sequential jobs whose upload is missing, so each ends at once; prints `p50_ms p99_ms`.
 //! `queue_bench <database-url> overhead [kits]` — Essentials kits end to end through the queue
-//! (enqueue -> succeeded) against the same kit generated directly and published directly;
-//! prints `median_e2e_ms median_generate_ms median_publish_ms queue_ledger_share`.
+//! (enqueue -> succeeded seen by a poller), each less the time the worker itself spent
+//! rendering and writing that kit (from its "kit job succeeded" event): the queue + ledger
+//! overhead, per kit. The same kit rendered and published directly, alternating with the queued
+//! ones, is the reference. Prints `median_e2e_ms median_generate_ms median_publish_ms
+//! median_overhead_share` (stderr: where the pickup goes).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -109,8 +113,84 @@ async fn wait(
     }
 }
 
+/// The kit without queue or ledger: the upload read from the store, the spec parsed and the
+/// kit rendered (first figure, ms), then every file and the manifest written under `job`
+/// (second figure, ms).
+async fn direct_kit(d: &Deps, upload: &ObjectKey, job: &str) -> Result<(f64, f64), Error> {
+    let t = Instant::now();
+    let bytes = d.storage.get(upload).await?;
+    let spec = kiln_core::ProductSpec::from_json(kiln_assets::sample::SPEC_JSON.as_bytes())?;
+    let assets = Generator::Studio
+        .generate(
+            Arc::from(bytes.as_ref()),
+            &spec,
+            Kit::Essentials,
+            Arc::new(|_| {}),
+        )
+        .await?;
+    let generate = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    let manifest = Manifest::new(job, Kit::Essentials, "studio".into(), &assets);
+    let files = assets
+        .iter()
+        .map(|a| (a.path.as_str(), a.bytes.clone(), a.content_type))
+        .chain([("manifest.json", manifest.to_json(), "application/json")]);
+    for (path, bytes, content_type) in files {
+        let k = ObjectKey::kit(job, path)?;
+        d.storage.put(&k, bytes.into(), content_type).await?;
+    }
+    Ok((generate, t.elapsed().as_secs_f64() * 1000.0))
+}
+
+/// What the worker says of each kit it finished: job id -> (generate ms, publish ms), from the
+/// fields of its "kit job succeeded" event.
+#[derive(Clone, Default)]
+struct WorkerTimings(Arc<std::sync::Mutex<std::collections::HashMap<String, (f64, f64)>>>);
+
+#[derive(Default)]
+struct Fields {
+    job: Option<String>,
+    generate_ms: Option<f64>,
+    publish_ms: Option<f64>,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        match field.name() {
+            "generate_ms" => self.generate_ms = Some(value),
+            "publish_ms" => self.publish_ms = Some(value),
+            _ => {}
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "job" {
+            self.job = Some(format!("{value:?}"));
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WorkerTimings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut f = Fields::default();
+        event.record(&mut f);
+        if let (Some(job), Some(g), Some(p)) = (f.job, f.generate_ms, f.publish_ms)
+            && let Ok(mut m) = self.0.lock()
+        {
+            m.insert(job, (g, p));
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    let timings = WorkerTimings::default();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::registry().with(timings.clone()),
+        )?;
+    }
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: queue_bench <database-url> enqueue|pickup|overhead [n] [seconds]";
     let url = args.get(1).ok_or(usage)?;
@@ -119,11 +199,10 @@ async fn main() -> Result<(), Error> {
     let db = Db::connect_with(
         url,
         &DbOptions {
-            // One connection per client, as pgbench has.
-            max_connections: if mode == "enqueue" && n > 0 {
-                u32::try_from(n)?
-            } else {
-                16
+            // One connection per client, as pgbench has; a few for one kit at a time.
+            max_connections: match mode {
+                "enqueue" => u32::try_from(if n == 0 { 8 } else { n })?,
+                _ => 8,
             },
             ..DbOptions::default()
         },
@@ -198,7 +277,7 @@ async fn main() -> Result<(), Error> {
             );
         }
         "overhead" => {
-            let kits = if n == 0 { 11 } else { n };
+            let kits = if n == 0 { 21 } else { n };
             let a = account(&ledger).await?;
             let d = deps(&ledger, &dir)?;
             let upload = kiln_assets::encode_jpeg(&kiln_assets::sample::ring(2400), 92)?;
@@ -206,36 +285,6 @@ async fn main() -> Result<(), Error> {
             d.storage
                 .put(&key, upload.clone().into(), "image/jpeg")
                 .await?;
-            // The same kit without queue or ledger: the upload read from the store and the spec
-            // parsed, then rendered ("generate"); every file and the manifest written ("publish").
-            let (mut direct, mut publish) = (Vec::new(), Vec::new());
-            for i in 0..kits {
-                let t = Instant::now();
-                let upload = d.storage.get(&key).await?;
-                let spec =
-                    kiln_core::ProductSpec::from_json(kiln_assets::sample::SPEC_JSON.as_bytes())?;
-                let assets = Generator::Studio
-                    .generate(
-                        Arc::from(upload.as_ref()),
-                        &spec,
-                        Kit::Essentials,
-                        Arc::new(|_| {}),
-                    )
-                    .await?;
-                direct.push(t.elapsed().as_secs_f64() * 1000.0);
-                let t = Instant::now();
-                let job = format!("direct{i}");
-                let manifest = Manifest::new(&job, Kit::Essentials, "studio".into(), &assets);
-                let files = assets
-                    .iter()
-                    .map(|a| (a.path.as_str(), a.bytes.clone(), a.content_type))
-                    .chain([("manifest.json", manifest.to_json(), "application/json")]);
-                for (path, bytes, content_type) in files {
-                    let k = ObjectKey::kit(&job, path)?;
-                    d.storage.put(&k, bytes.into(), content_type).await?;
-                }
-                publish.push(t.elapsed().as_secs_f64() * 1000.0);
-            }
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let worker = tokio::spawn(kit_worker::run(
                 d.clone(),
@@ -244,18 +293,44 @@ async fn main() -> Result<(), Error> {
                     let _ = stopped.await;
                 },
             ));
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            // Quiet for 90% of the direct render time, then poll each millisecond.
-            let quiet = Duration::from_secs_f64(median(&mut direct) * 0.9 / 1000.0);
-            let (mut e2e, mut pickup, mut run) = (Vec::new(), Vec::new(), Vec::new());
+            // Warm up, as a running service is: the renderer, and the connections' prepared
+            // statements on both sides (a few kits through the queue, not measured).
+            direct_kit(&d, &key, "warmup").await?;
+            for i in 0..3 {
+                let id = enqueue(&ledger, a, &format!("warmup-{i}"), key.as_str()).await?;
+                wait(&ledger, &id, Duration::ZERO, |j| j.status.is_terminal()).await?;
+            }
+            // Direct and queued kits alternate, so drift in the machine's speed hits both alike;
+            // each pair gives one overhead figure.
+            let (mut direct, mut publish, mut e2e, mut overhead) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut pickup, mut run, mut submits) = (Vec::new(), Vec::new(), Vec::new());
             for i in 0..kits {
+                let (generate, published) = direct_kit(&d, &key, &format!("direct{i}")).await?;
+                // The waiting side stays quiet for 80% of this pair's direct render, then polls
+                // each millisecond.
+                let quiet = Duration::from_secs_f64(generate * 0.8 / 1000.0);
                 let t = Instant::now();
                 let id = enqueue(&ledger, a, &format!("overhead-{i}"), key.as_str()).await?;
+                submits.push(t.elapsed().as_secs_f64() * 1000.0);
                 let j = wait(&ledger, &id, quiet, |j| j.status.is_terminal()).await?;
                 if j.status != JobStatus::Succeeded {
                     return Err(format!("kit failed: {j:?}").into());
                 }
-                e2e.push(t.elapsed().as_secs_f64() * 1000.0);
+                let queued = t.elapsed().as_secs_f64() * 1000.0;
+                direct.push(generate);
+                publish.push(published);
+                e2e.push(queued);
+                // Queue + ledger: end to end less what the worker itself spent rendering and
+                // writing this very kit (so the render's run-to-run noise cancels).
+                let (w_gen, w_pub) = timings
+                    .0
+                    .lock()
+                    .map_err(|_| "timings lock")?
+                    .get(&id)
+                    .copied()
+                    .ok_or("the worker reported no timings")?;
+                overhead.push(queued - w_gen - w_pub);
                 let (created, started, finished) = (
                     j.created_at.millis(),
                     j.started_at.ok_or("never started")?.millis(),
@@ -267,18 +342,38 @@ async fn main() -> Result<(), Error> {
                     run.push((finished - started) as f64);
                 }
             }
-            eprintln!(
-                "overhead: median enqueue->claim {:.0} ms, claim->finished {:.0} ms",
-                median(&mut pickup),
-                median(&mut run)
-            );
             let _ = stop.send(());
             worker.await??;
+            if let Db::Postgres(pool) = ledger.db() {
+                // Where the pickup goes: enqueue -> apalis's fetch (lock_at) -> kiln's claim.
+                let rows: Vec<(f64, f64)> = sqlx::query_as(
+                    "SELECT (EXTRACT(EPOCH FROM t.lock_at) * 1000 - j.created_at_ms)::float8, \
+                     (j.started_at_ms - EXTRACT(EPOCH FROM t.lock_at) * 1000)::float8 \
+                     FROM kit_jobs j JOIN apalis.jobs t ON t.id = j.task_id WHERE t.lock_at IS NOT NULL",
+                )
+                .fetch_all(pool)
+                .await?;
+                let (mut fetch, mut claim): (Vec<f64>, Vec<f64>) = rows.into_iter().unzip();
+                if !fetch.is_empty() {
+                    eprintln!(
+                        "overhead: median submit {:.1} ms; enqueue -> apalis fetch {:.1} ms, fetch -> claim {:.1} ms",
+                        median(&mut submits),
+                        median(&mut fetch),
+                        median(&mut claim)
+                    );
+                }
+            }
+            let m_over = median(&mut overhead);
+            eprintln!(
+                "overhead: median enqueue->claim {:.0} ms, claim->finished {:.0} ms; per-pair overhead min {:.1} / median {m_over:.1} / max {:.1} ms",
+                median(&mut pickup),
+                median(&mut run),
+                overhead[0],
+                overhead[overhead.len() - 1],
+            );
             let (m_e2e, m_gen, m_pub) =
                 (median(&mut e2e), median(&mut direct), median(&mut publish));
-            // Queue + ledger: what is left after generating and publishing.
-            let queue = m_e2e - m_gen - m_pub;
-            println!("{m_e2e:.1} {m_gen:.1} {m_pub:.1} {:.3}", queue / m_e2e);
+            println!("{m_e2e:.1} {m_gen:.1} {m_pub:.1} {:.3}", m_over / m_e2e);
         }
         _ => return Err(usage.into()),
     }

@@ -140,12 +140,21 @@ pub async fn run(deps: &Deps, id: &str, task: &str, worker: &str) -> Result<Outc
     let worked = work(deps, &job, fence, &superseded).await;
     lease.abort();
     match worked {
-        Ok(manifest_key) => {
+        Ok(Published {
+            manifest_key,
+            generate,
+            publish,
+        }) => {
             let mut tx = deps.ledger.db().begin().await?;
             let won = jobs::succeed(&mut tx, &deps.ledger.ctx(), id, fence, &manifest_key).await?;
             tx.commit().await?;
             if won {
-                tracing::info!(job = %job.id, "kit job succeeded; charge committed");
+                tracing::info!(
+                    job = %job.id,
+                    generate_ms = generate.as_secs_f64() * 1000.0,
+                    publish_ms = publish.as_secs_f64() * 1000.0,
+                    "kit job succeeded; charge committed"
+                );
                 Ok(Outcome::Succeeded)
             } else {
                 tracing::warn!(job = %job.id, fence, "a newer attempt owns the job; not finishing");
@@ -220,17 +229,27 @@ pub fn backoff(base: Duration, attempt: u32) -> Duration {
     base.saturating_mul(factor).min(Duration::from_secs(3600))
 }
 
-/// Generates and publishes the kit; returns the manifest's key.
+/// A kit written to storage.
+struct Published {
+    manifest_key: String,
+    /// Reading the upload, parsing the spec and rendering.
+    generate: Duration,
+    /// Writing the files and the manifest (the writes alone, without the ownership checks).
+    publish: Duration,
+}
+
+/// Generates and publishes the kit.
 async fn work(
     deps: &Deps,
     job: &KitJob,
     fence: i64,
     superseded: &Arc<AtomicBool>,
-) -> Result<String, RunError> {
+) -> Result<Published, RunError> {
     let upload_key = ObjectKey::parse(&job.upload_key).map_err(|e| RunError::Fail {
         code: "upload_missing",
         message: e.to_string(),
     })?;
+    let started = std::time::Instant::now();
     let upload: Bytes = match deps.storage.get(&upload_key).await {
         Err(StorageError::NotFound(_)) => {
             return Err(RunError::Fail {
@@ -283,6 +302,7 @@ async fn work(
             }),
         )
         .await;
+    let generate = started.elapsed();
     // All progress is written (or refused) before anything is published.
     let _ = recorder.await;
     let assets = generated?;
@@ -290,6 +310,7 @@ async fn work(
         return Err(RunError::Superseded);
     }
 
+    let building = std::time::Instant::now();
     let manifest = Manifest::new(&job.id, job.kit, deps.generator.name(), &assets);
     let files = assets
         .iter()
@@ -297,6 +318,7 @@ async fn work(
         // The manifest last: its presence means the kit is complete.
         .chain([("manifest.json", manifest.to_json(), "application/json")]);
     let mut manifest_key = String::new();
+    let mut publish = building.elapsed();
     for (path, bytes, content_type) in files {
         let key = ObjectKey::kit(&job.id.to_lowercase(), path).map_err(StorageError::from)?;
         // Before the first asset and before the manifest: is the job still ours? (Between
@@ -312,10 +334,16 @@ async fn work(
                 return Err(RunError::Superseded);
             }
         }
+        let writing = std::time::Instant::now();
         deps.storage
             .put(&key, Bytes::from(bytes), content_type)
             .await?;
+        publish += writing.elapsed();
         manifest_key = key.as_str().to_owned();
     }
-    Ok(manifest_key)
+    Ok(Published {
+        manifest_key,
+        generate,
+        publish,
+    })
 }
