@@ -11,7 +11,7 @@
 //! rendering and writing that kit (from its "kit job succeeded" event): the queue + ledger
 //! overhead, per kit. The same kit rendered and published directly, alternating with the queued
 //! ones, is the reference. Prints `median_e2e_ms median_generate_ms median_publish_ms
-//! median_overhead_share` (stderr: where the pickup goes).
+//! median_overhead_ms overhead_share` (stderr: where the pickup goes).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -373,7 +373,10 @@ async fn main() -> Result<(), Error> {
             );
             let (m_e2e, m_gen, m_pub) =
                 (median(&mut e2e), median(&mut direct), median(&mut publish));
-            println!("{m_e2e:.1} {m_gen:.1} {m_pub:.1} {:.3}", m_over / m_e2e);
+            println!(
+                "{m_e2e:.1} {m_gen:.1} {m_pub:.1} {m_over:.1} {:.3}",
+                m_over / m_e2e
+            );
         }
         _ => return Err(usage.into()),
     }
