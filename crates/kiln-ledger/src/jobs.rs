@@ -371,7 +371,7 @@ impl TaskRow {
 
 /// PostgreSQL: the apalis task for the row of CTE `k` (columns `task_id, queue, payload,
 /// deliveries, run_at_secs`), if there is one, and a wake-up for listening workers when the task
-/// is due now (a delayed retry is found by polling), sent when the transaction commits.
+/// is due now (a delayed retry is found by a worker's heartbeat fetch), sent at commit.
 /// `task_pg!(ctes)` gives the CTEs after `k`, `task_pg!(wakes)` the result column counting the
 /// wake-ups sent. (apalis's own insert trigger is dropped by [`Db::migrate`]: kiln wakes workers
 /// itself, and [`submit`] does it after its commit.)
@@ -491,7 +491,7 @@ pub async fn submit(ledger: &crate::Ledger, new: &NewJob<'_>) -> Result<Enqueued
             Optimistic::Done(e) => {
                 let wake = (e.job.kit.queue(), e.job.task_id.clone());
                 if let Err(err) = ledger.wakes().send(&mut c, wake).await {
-                    tracing::warn!(job = %e.job.id, "workers not woken (polling will find the job): {err}");
+                    tracing::warn!(job = %e.job.id, "workers not woken (the next heartbeat fetch will find the job): {err}");
                 }
                 return Ok(*e);
             }
@@ -512,7 +512,8 @@ pub async fn submit(ledger: &crate::Ledger, new: &NewJob<'_>) -> Result<Enqueued
 /// Wake-ups for workers of tasks already committed, sent group-commit style: a caller with
 /// one to send queues it and, unless another caller is sending already, sends everything
 /// queued, round after round, until nothing is left; each round is one small transaction that
-/// does not wait for a WAL flush (a lost wake-up only means the task is found by polling).
+/// does not wait for a WAL flush (a lost wake-up only means the task waits for a worker's next
+/// look, at its heartbeat).
 /// PostgreSQL serializes the commits of notifying transactions, so under load one round for
 /// many tasks costs what one wake-up would.
 #[derive(Debug, Default)]
@@ -527,7 +528,9 @@ struct WakeState {
     sending: bool,
 }
 
-/// Clears `sending` however the sender stops (done, failed or dropped).
+/// Clears `sending` if the sender stops early (failed, or its future dropped); a normal finish
+/// clears it itself, under the same lock that finds the queue empty, so a wake-up queued just
+/// then is not left without a sender.
 struct Sending<'a>(&'a Wakes);
 
 impl Drop for Sending<'_> {
@@ -553,12 +556,18 @@ impl Wakes {
             }
             s.sending = true;
         }
-        let _sending = Sending(self);
+        let sending = Sending(self);
         loop {
-            let round = std::mem::take(&mut self.lock().queued);
-            if round.is_empty() {
-                return Ok(());
-            }
+            let round = {
+                let mut s = self.lock();
+                if s.queued.is_empty() {
+                    s.sending = false;
+                    drop(s);
+                    std::mem::forget(sending);
+                    return Ok(());
+                }
+                std::mem::take(&mut s.queued)
+            };
             let (queues, ids): (Vec<&str>, Vec<String>) = round.into_iter().unzip();
             sqlx::query(
                 "SELECT set_config('synchronous_commit', 'off', true), \
