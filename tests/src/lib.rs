@@ -24,6 +24,19 @@ pub fn kiln_bin() -> PathBuf {
     bin
 }
 
+/// Shows the test's logs on stderr when `TEST_LOG` is set (`TEST_LOG=1`, or a filter such as
+/// `TEST_LOG=kit_worker=debug`); quiet otherwise. Safe to call from every test.
+pub fn init_test_log() {
+    let Ok(filter) = std::env::var("TEST_LOG") else {
+        return;
+    };
+    let filter = if filter == "1" { "info".to_owned() } else { filter };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
+}
+
 /// The PostgreSQL server the tests use (`make test` starts it).
 pub fn pg_admin_url() -> String {
     std::env::var("KILN_TEST_PG_URL")
@@ -118,12 +131,21 @@ pub fn kiln(database_url: Option<&str>, cwd: &std::path::Path, args: &[&str]) ->
     cmd.current_dir(cwd)
         .args(args)
         .env_remove("KILN_CONFIG")
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", test_log_filter());
     match database_url {
         Some(url) => cmd.env("KILN_DATABASE_URL", url),
         None => cmd.env_remove("KILN_DATABASE_URL"),
     };
     cmd.output().expect("kiln runs")
+}
+
+/// The log filter for spawned `kiln` processes: `TEST_LOG`'s (`1` means info), else warnings.
+fn test_log_filter() -> String {
+    match std::env::var("TEST_LOG") {
+        Ok(f) if f == "1" => "info".to_owned(),
+        Ok(f) => f,
+        Err(_) => "warn".to_owned(),
+    }
 }
 
 /// stdout of a command that must succeed.
@@ -152,7 +174,7 @@ pub fn kiln_cmd(db: &str, storage: &Path) -> Command {
         .env("KILN_LEASE_MS", "1500")
         .env("KILN_RETRY_BASE_MS", "100")
         .env("KILN_MAX_ATTEMPTS", "12")
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", test_log_filter());
     cmd
 }
 

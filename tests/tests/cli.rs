@@ -178,3 +178,39 @@ fn bad_configuration_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+/// Every command but `migrate` and `demo` refuses a database nobody migrated, with one line
+/// saying what to do, and leaves it as it was: no table, no file.
+#[test]
+fn commands_refuse_an_unmigrated_database_and_change_nothing() {
+    let dir = Scratch::new();
+    let pg = PgDb::new();
+    let sqlite = format!("sqlite://{}/fresh/kiln.db", dir.0.display());
+    for url in [pg.url.as_str(), sqlite.as_str()] {
+        for args in [&["status"][..], &["audit"], &["accounts", "show", "01J0000000000000000000000A"]] {
+            let out = kiln(Some(url), &dir.0, args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} on {url}: {stderr}");
+            assert!(stderr.contains("run `kiln migrate`"), "{args:?} on {url}: {stderr}");
+            assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        }
+    }
+    let tables = kiln_e2e::psql_on(
+        &pg.url,
+        "SELECT COUNT(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')",
+    );
+    assert_eq!(tables, "0", "no table, index or sequence was created");
+    let extensions = kiln_e2e::psql_on(&pg.url, "SELECT COUNT(*) FROM pg_extension WHERE extname = 'hstore'");
+    assert_eq!(extensions, "0");
+    assert!(
+        !dir.0.join("fresh").exists(),
+        "no SQLite file (or its directory) was created"
+    );
+    // After `kiln migrate` the same commands work.
+    for url in [pg.url.as_str(), sqlite.as_str()] {
+        ok(&kiln(Some(url), &dir.0, &["migrate"]));
+        assert!(ok(&kiln(Some(url), &dir.0, &["audit"])).contains("clean"));
+        ok(&kiln(Some(url), &dir.0, &["status"]));
+    }
+}

@@ -4,7 +4,7 @@
 use image::RgbImage;
 use kiln_core::ProductSpec;
 
-use crate::kit::{Asset, Role, image_asset};
+use crate::asset::{Asset, Role, image_asset};
 use crate::pdf::{self, A4, Fonts, GOLD, INK, MUTED, Pen};
 use crate::photo::Cutout;
 use crate::scene::{self, Align, Face, Surface};

@@ -6,14 +6,14 @@
 //! Studio rendering is CPU-bound and runs on a blocking thread; provider calls are async.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kiln_core::{Kit, ProductSpec};
 use serde_json::json;
 
 use crate::copy::{self, ALT_MAX, Copy, META_MAX, TAG_MAX, TITLE_MAX};
-use crate::kit::{Asset, Role, Step, copy_assets, image_asset};
-use crate::provider::{Provider, ProviderConfig, ProviderError, tag_ai_generated};
+use crate::asset::{Asset, Role, image_asset};
+use crate::kit::{Step, copy_assets};
+use crate::provider::{Provider, ProviderError, tag_ai_generated};
 use crate::{AssetError, Limits};
 
 /// The studio renderer's name in manifests.
@@ -62,25 +62,6 @@ fn ai_steps(kit: Kit) -> &'static [&'static str] {
 }
 
 impl Generator {
-    /// `KILN_GENERATOR` = `studio` (default) or `ai`; `ai` needs the provider settings of
-    /// [`ProviderConfig::from_env`].
-    pub fn from_env() -> Result<Generator, String> {
-        match std::env::var("KILN_GENERATOR").as_deref() {
-            Err(_) | Ok("" | "studio") => Ok(Generator::Studio),
-            Ok("ai") => {
-                let cfg = ProviderConfig::from_env()?.ok_or(
-                    "KILN_GENERATOR=ai needs KILN_PROVIDER_URL and KILN_PROVIDER_KEY".to_owned(),
-                )?;
-                Ok(Generator::Ai(
-                    Provider::new(cfg).map_err(|e| format!("AI provider: {e}"))?,
-                ))
-            }
-            Ok(other) => Err(format!(
-                "KILN_GENERATOR must be studio or ai, not {other:?}"
-            )),
-        }
-    }
-
     /// Recorded in the manifest.
     pub fn name(&self) -> String {
         match self {
@@ -290,35 +271,3 @@ async fn ai_scene(
     Ok(asset)
 }
 
-impl ProviderConfig {
-    /// `KILN_PROVIDER_URL` (e.g. `https://api.openai.com`), `KILN_PROVIDER_KEY`, and optionally
-    /// `KILN_PROVIDER_IMAGE_MODEL` (default `gpt-image-1`), `KILN_PROVIDER_TEXT_MODEL`
-    /// (default `gpt-4o-mini`), `KILN_PROVIDER_TIMEOUT_SECS` (default 120). `None` when no URL
-    /// is set.
-    pub fn from_env() -> Result<Option<ProviderConfig>, String> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let Some(base_url) = var("KILN_PROVIDER_URL") else {
-            return Ok(None);
-        };
-        if !base_url.starts_with("http://") && !base_url.starts_with("https://") {
-            return Err(format!(
-                "KILN_PROVIDER_URL must be an http(s) URL, not {base_url:?}"
-            ));
-        }
-        let api_key = var("KILN_PROVIDER_KEY")
-            .ok_or("KILN_PROVIDER_URL is set but KILN_PROVIDER_KEY is not")?;
-        let timeout = match var("KILN_PROVIDER_TIMEOUT_SECS") {
-            None => 120,
-            Some(s) => s.parse::<u64>().ok().filter(|&n| n > 0).ok_or(format!(
-                "KILN_PROVIDER_TIMEOUT_SECS must be a positive number, not {s:?}"
-            ))?,
-        };
-        Ok(Some(ProviderConfig {
-            base_url,
-            api_key,
-            image_model: var("KILN_PROVIDER_IMAGE_MODEL").unwrap_or_else(|| "gpt-image-1".into()),
-            text_model: var("KILN_PROVIDER_TEXT_MODEL").unwrap_or_else(|| "gpt-4o-mini".into()),
-            timeout: Duration::from_secs(timeout),
-        }))
-    }
-}

@@ -5,54 +5,9 @@ use image::RgbImage;
 use kiln_core::{Kit, ProductSpec};
 use serde::Serialize;
 
+use crate::asset::{Asset, Role, image_asset};
 use crate::photo::{self, MASTER_FILL, MASTER_SIDE};
 use crate::{AssetError, Limits, Quality, copy, encode_jpeg, quality, sha256_hex};
-
-/// What an asset is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    MainImage,
-    ShadowImage,
-    DetailImage,
-    WebImage,
-    SpecSheet,
-    LineSheet,
-    SeoCopy,
-    LifestyleImage,
-    EditorialImage,
-    SocialImage,
-    Lookbook,
-}
-
-/// One generated file: its path inside the kit, bytes and metadata.
-#[derive(Clone, Debug)]
-pub struct Asset {
-    pub path: String,
-    pub role: Role,
-    pub content_type: &'static str,
-    pub bytes: Vec<u8>,
-    pub width: Option<u32>,
-    pub height: Option<u32>,
-    pub alt: Option<String>,
-    pub quality: Option<Quality>,
-}
-
-impl Asset {
-    /// A file that is not an image (PDF, JSON, Markdown).
-    pub fn file(path: &str, role: Role, content_type: &'static str, bytes: Vec<u8>) -> Asset {
-        Asset {
-            path: path.to_owned(),
-            role,
-            content_type,
-            bytes,
-            width: None,
-            height: None,
-            alt: None,
-            quality: None,
-        }
-    }
-}
 
 /// Progress through a kit, reported before each step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,26 +15,6 @@ pub struct Step {
     pub name: &'static str,
     pub done: u32,
     pub total: u32,
-}
-
-pub(crate) fn image_asset(
-    path: &str,
-    role: Role,
-    img: &RgbImage,
-    q: u8,
-    alt: String,
-    main: bool,
-) -> Result<Asset, AssetError> {
-    Ok(Asset {
-        path: path.to_owned(),
-        role,
-        content_type: "image/jpeg",
-        bytes: encode_jpeg(img, q)?,
-        width: Some(img.width()),
-        height: Some(img.height()),
-        alt: Some(alt),
-        quality: Some(quality::judge(img, main)),
-    })
 }
 
 fn json_asset<T: Serialize>(path: &str, role: Role, value: &T) -> Result<Asset, AssetError> {

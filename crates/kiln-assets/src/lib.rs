@@ -6,6 +6,7 @@
 //! their pixels against marketplace rules, `copy` writes SEO copy, `kit` assembles a kit and
 //! its manifest, `sample` renders the bundled sample design.
 
+pub mod asset;
 pub mod caratzon;
 pub mod copy;
 pub mod decode;
@@ -20,7 +21,8 @@ pub mod scene;
 
 pub use decode::{Decoded, Limits, Probe, decode, probe};
 pub use generator::{Generator, KitError, Progress};
-pub use kit::{Asset, Manifest, ManifestEntry, Role, Step, generate};
+pub use asset::{Asset, Role};
+pub use kit::{Manifest, ManifestEntry, Step, generate};
 pub use quality::Quality;
 
 /// Why an asset could not be made. All of these are permanent for the same input: retrying

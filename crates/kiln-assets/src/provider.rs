@@ -95,6 +95,9 @@ fn transport(e: &reqwest::Error) -> ProviderError {
 
 impl Provider {
     pub fn new(cfg: ProviderConfig) -> Result<Provider, ProviderError> {
+        // reqwest is built without a crypto provider of its own: rustls on ring, process-wide
+        // (an error only means one is installed already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .build()

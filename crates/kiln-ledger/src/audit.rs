@@ -5,7 +5,7 @@ use kiln_core::AccountId;
 use serde::Serialize;
 
 use crate::LedgerError;
-use crate::db::{Tx, on_tx};
+use crate::{Tx, on_tx};
 
 /// One broken invariant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -202,10 +202,5 @@ pub async fn audit(tx: &mut Tx, account: Option<AccountId>) -> Result<Vec<Breach
             );
         }
     }
-    let jobs = crate::jobs::check_charges(tx).await?;
-    out.extend(
-        jobs.into_iter()
-            .filter(|b| account.is_none_or(|a| b.account_id == a.to_string())),
-    );
     Ok(out)
 }

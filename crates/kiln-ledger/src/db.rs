@@ -35,22 +35,26 @@ pub enum Tx {
     Sqlite(Transaction<'static, Sqlite>),
 }
 
-/// Runs `$body` with `$c` bound to the concrete transaction of whichever backend `$tx` holds.
+/// Runs `$body` with `$c` bound to the concrete transaction of whichever backend `$tx` holds
+/// (kiln-jobs writes its statements the same way).
+#[macro_export]
 macro_rules! on_tx {
     ($tx:expr, $c:ident => $body:expr) => {
         match $tx {
-            $crate::db::Tx::Postgres($c) => $body,
-            $crate::db::Tx::Sqlite($c) => $body,
+            $crate::Tx::Postgres($c) => $body,
+            $crate::Tx::Sqlite($c) => $body,
         }
     };
 }
-pub(crate) use on_tx;
 
 /// Connection settings beyond the URL.
 #[derive(Clone, Debug)]
 pub struct DbOptions {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// SQLite: create the file (and its directory) when missing. Off for commands that must
+    /// find a migrated database, so they leave no empty file behind.
+    pub create: bool,
 }
 
 impl Default for DbOptions {
@@ -58,6 +62,7 @@ impl Default for DbOptions {
         DbOptions {
             max_connections: 10,
             acquire_timeout: Duration::from_secs(30),
+            create: true,
         }
     }
 }
@@ -92,15 +97,20 @@ impl Db {
             )),
             Backend::Sqlite => {
                 let options = SqliteConnectOptions::from_str(url)?
-                    .create_if_missing(true)
+                    .create_if_missing(opts.create)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Full)
                     .foreign_keys(true)
                     .busy_timeout(opts.acquire_timeout);
+                if !opts.create && !options.get_filename().exists() {
+                    return Err(LedgerError::NoDatabase(
+                        options.get_filename().display().to_string(),
+                    ));
+                }
                 if let Some(dir) = options
                     .get_filename()
                     .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
+                    .filter(|d| opts.create && !d.as_os_str().is_empty())
                 {
                     create_dir(dir)?;
                 }
@@ -122,45 +132,66 @@ impl Db {
         }
     }
 
-    /// Applies kiln's migrations. They are recorded in `kiln_migrations`, not sqlx's default
-    /// table, which apalis-sqlite claims for its own.
+    /// Applies kiln's own migrations (the ledger's tables and `kit_jobs`). They are recorded in
+    /// `kiln_migrations`, not sqlx's default table, which apalis-sqlite claims for its own. The
+    /// job queue's engine tables are kiln-jobs' to set up (`kiln_jobs::migrate`).
     pub async fn migrate(&self) -> Result<(), LedgerError> {
         match self {
-            Db::Postgres(pool) => {
-                let mut m = sqlx::migrate!("../../migrations/postgres");
-                m.dangerous_set_table_name("kiln_migrations");
-                m.run(pool).await?;
-                // apalis's task tables (schema `apalis`, history in apalis._sqlx_migrations).
-                sqlx::query("CREATE EXTENSION IF NOT EXISTS hstore")
-                    .execute(pool)
-                    .await?;
-                apalis_postgres::PostgresStorage::migrations()
-                    .run(pool)
-                    .await?;
-                // After apalis's migrations, every time (a later apalis version could bring
-                // them back): kiln writes every task itself and wakes workers itself, after
-                // its commit, because a NOTIFY inside the enqueue transaction serializes
-                // enqueue commits (docs/JOBS.md); and two of apalis's indexes duplicate
-                // others (`unique_job_id` = the primary key, `lidx` = `idx_apalis_jobs_lock_by`),
-                // costing every task insert and status change for nothing.
-                sqlx::raw_sql(
-                    "DROP TRIGGER IF EXISTS notify_workers ON apalis.jobs; \
-                     DROP INDEX IF EXISTS apalis.unique_job_id; \
-                     DROP INDEX IF EXISTS apalis.lidx;",
-                )
-                .execute(pool)
-                .await?;
-            }
-            Db::Sqlite(pool) => {
-                let mut m = sqlx::migrate!("../../migrations/sqlite");
-                m.dangerous_set_table_name("kiln_migrations");
-                m.run(pool).await?;
-                // apalis's task tables, with their history in sqlx's default table. Not
-                // `SqliteStorage::setup`: it would switch the file to `synchronous=OFF`.
-                apalis_sqlite::SqliteStorage::migrations().run(pool).await?;
-            }
+            Db::Postgres(pool) => migrator(Backend::Postgres).run(pool).await?,
+            Db::Sqlite(pool) => migrator(Backend::Sqlite).run(pool).await?,
         }
         Ok(())
+    }
+
+    /// Where the schema stands against the migrations this binary carries. Reads only: on a
+    /// database nobody migrated it creates nothing.
+    pub async fn schema(&self) -> Result<Schema, LedgerError> {
+        let applied: Vec<i64> = match self {
+            Db::Postgres(pool) => {
+                let exists: bool = sqlx::query_scalar(
+                    "SELECT to_regclass('kiln_migrations') IS NOT NULL",
+                )
+                .fetch_one(pool)
+                .await?;
+                if !exists {
+                    return Ok(Schema::Unmigrated);
+                }
+                sqlx::query_scalar("SELECT version FROM kiln_migrations WHERE success ORDER BY version")
+                    .fetch_all(pool)
+                    .await?
+            }
+            Db::Sqlite(pool) => {
+                let exists: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'kiln_migrations'",
+                )
+                .fetch_one(pool)
+                .await?;
+                if exists == 0 {
+                    return Ok(Schema::Unmigrated);
+                }
+                sqlx::query_scalar("SELECT version FROM kiln_migrations WHERE success ORDER BY version")
+                    .fetch_all(pool)
+                    .await?
+            }
+        };
+        let known: Vec<i64> = migrator(self.backend())
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .map(|m| m.version)
+            .collect();
+        Ok(if applied.iter().any(|v| !known.contains(v)) {
+            Schema::Newer {
+                applied: applied.last().copied().unwrap_or(0),
+                known: known.last().copied().unwrap_or(0),
+            }
+        } else if applied.len() < known.len() {
+            Schema::Behind {
+                applied: applied.last().copied().unwrap_or(0),
+                known: known.last().copied().unwrap_or(0),
+            }
+        } else {
+            Schema::Current
+        })
     }
 
     /// Begins a transaction that will write. On SQLite it takes the write lock at once
@@ -187,6 +218,29 @@ impl Db {
             Db::Sqlite(pool) => pool.close().await,
         }
     }
+}
+
+/// kiln's migrations for `backend`, embedded in the binary.
+fn migrator(backend: Backend) -> sqlx::migrate::Migrator {
+    let mut m = match backend {
+        Backend::Postgres => sqlx::migrate!("../../migrations/postgres"),
+        Backend::Sqlite => sqlx::migrate!("../../migrations/sqlite"),
+    };
+    m.dangerous_set_table_name("kiln_migrations");
+    m
+}
+
+/// Where a database's schema stands against this binary's migrations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schema {
+    /// Every migration this binary knows is applied, and no other.
+    Current,
+    /// Never migrated (no migration table).
+    Unmigrated,
+    /// Older than this binary: `kiln migrate` brings it up.
+    Behind { applied: i64, known: i64 },
+    /// Migrated by a newer kiln: this binary must not touch it.
+    Newer { applied: i64, known: i64 },
 }
 
 fn create_dir(dir: &Path) -> Result<(), LedgerError> {

@@ -41,15 +41,8 @@ pub enum LedgerError {
     InvalidAmount(#[from] CreditsError),
     #[error("database URL must start with postgres://, postgresql:// or sqlite: (got {0:?})")]
     BadDatabaseUrl(String),
-    #[error("job {0} not found")]
-    JobNotFound(String),
-    #[error("job {id} is {status}: only queued jobs can be cancelled")]
-    JobNotCancellable {
-        id: String,
-        status: crate::jobs::JobStatus,
-    },
-    #[error("job queue: {0}")]
-    Queue(String),
+    #[error("there is no database at {0}: run `kiln migrate` first")]
+    NoDatabase(String),
     #[error("stored ledger data is inconsistent: {0}")]
     Corrupt(String),
     #[error("{0}")]

@@ -1,12 +1,12 @@
 //! The credit ledger: grants, reservations and the append-only journal, on PostgreSQL or
-//! SQLite. `ops` holds every operation as a function of an open transaction, so a caller (the
-//! producer) can reserve credits in the same transaction that enqueues a job; `Ledger` wraps
-//! each operation in a transaction of its own for everyone else.
+//! SQLite. `ops` holds every operation as a function of an open transaction, so a caller
+//! (kiln-jobs' enqueue) can reserve credits in the same transaction that enqueues a job;
+//! `Ledger` wraps each operation in a transaction of its own for everyone else. Credits only:
+//! the job queue is kiln-jobs'.
 
 mod audit;
 mod db;
 mod error;
-pub mod jobs;
 mod ops;
 pub mod plan;
 #[cfg(feature = "testing")]
@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 pub use audit::{Breach, audit};
-pub use db::{Backend, Db, DbOptions, Tx};
+pub use db::{Backend, Db, DbOptions, Schema, Tx};
 pub use error::LedgerError;
 pub use kiln_core::CreditsError;
 pub use kiln_core::{AccountId, Action, CreditKind, Credits, PlanId, Pricing, Timestamp};
 pub use ops::{
-    Ctx, Totals, account, account_by_api_key, balance, charge, commit, create_account,
-    due_accounts, grants, journal, quote, release, renew, reservation, reserve, topup, totals,
+    Ctx, Totals, account, account_by_api_key, balance, charge, check_key, commit, create_account,
+    due_accounts, grants, journal, optimistic, quote, release, renew, reservation, reserve,
+    reserve_locked, topup, totals,
 };
 pub use types::{
     Account, Balance, CreatedAccount, EntryType, Grant, GrantId, JournalEntry, JournalPage,
@@ -77,8 +78,6 @@ pub struct Ledger {
     db: Db,
     pricing: Arc<Pricing>,
     clock: Arc<dyn Clock>,
-    /// Wake-ups for workers, sent after enqueue commits and batched across callers.
-    wakes: Arc<jobs::Wakes>,
 }
 
 /// Runs one `ops` function in a transaction of its own, committing only on success.
@@ -95,20 +94,11 @@ macro_rules! in_tx {
 
 impl Ledger {
     pub fn new(db: Db, pricing: Arc<Pricing>, clock: Arc<dyn Clock>) -> Ledger {
-        Ledger {
-            db,
-            pricing,
-            clock,
-            wakes: Arc::default(),
-        }
+        Ledger { db, pricing, clock }
     }
 
     pub fn db(&self) -> &Db {
         &self.db
-    }
-
-    pub(crate) fn wakes(&self) -> &jobs::Wakes {
-        &self.wakes
     }
 
     pub fn pricing(&self) -> &Pricing {

@@ -25,7 +25,15 @@ enum Cleanup {
 }
 
 impl TestDb {
+    /// A fresh database with the ledger's schema (kiln's migrations).
     pub async fn new(backend: Backend, max_connections: u32) -> TestDb {
+        let t = TestDb::unmigrated(backend, max_connections).await;
+        t.db.migrate().await.expect("migrate test database");
+        t
+    }
+
+    /// A fresh, empty database: nothing migrated.
+    pub async fn unmigrated(backend: Backend, max_connections: u32) -> TestDb {
         let tag = ulid::Ulid::generate().to_string().to_lowercase();
         let opts = DbOptions {
             max_connections,
@@ -64,7 +72,6 @@ impl TestDb {
         let db = Db::connect_with(&url, &opts)
             .await
             .expect("connect to test database");
-        db.migrate().await.expect("migrate test database");
         TestDb { db, url, cleanup }
     }
 }

@@ -7,8 +7,8 @@
 use bytes::Bytes;
 use kiln_assets::{AssetError, Limits};
 use kiln_core::{AccountId, Kit, ProductSpec};
-use kiln_ledger::jobs::{self, KitJob, NewJob};
-use kiln_ledger::{Ledger, LedgerError};
+use kiln_jobs::{JobsError, KitJob, NewJob, Queue};
+use kiln_ledger::LedgerError;
 use kiln_storage::{ObjectKey, Storage, StorageError};
 
 /// Deliveries of one job before it is failed and its credits released.
@@ -25,7 +25,7 @@ pub enum IntakeError {
     #[error("idempotency key must be 1-196 printable characters")]
     BadKey,
     #[error(transparent)]
-    Ledger(#[from] LedgerError),
+    Jobs(#[from] JobsError),
     #[error("could not store the upload: {0}")]
     Storage(#[from] StorageError),
 }
@@ -37,10 +37,13 @@ impl IntakeError {
             IntakeError::Upload(e) => e.code(),
             IntakeError::Spec(_) => "invalid_spec",
             IntakeError::BadKey => "invalid_idempotency_key",
-            IntakeError::Ledger(LedgerError::InsufficientCredits { .. }) => "insufficient_credits",
-            IntakeError::Ledger(LedgerError::IdempotencyConflict { .. }) => "idempotency_conflict",
-            IntakeError::Ledger(LedgerError::AccountNotFound(_)) => "account_not_found",
-            IntakeError::Ledger(_) => "internal",
+            IntakeError::Jobs(JobsError::Ledger(e)) => match e {
+                LedgerError::InsufficientCredits { .. } => "insufficient_credits",
+                LedgerError::IdempotencyConflict { .. } => "idempotency_conflict",
+                LedgerError::AccountNotFound(_) => "account_not_found",
+                _ => "internal",
+            },
+            IntakeError::Jobs(_) => "internal",
             IntakeError::Storage(e) if e.is_retryable() => "storage_unavailable",
             IntakeError::Storage(_) => "storage_error",
         }
@@ -68,30 +71,34 @@ pub struct Accepted {
 
 /// Takes an order: cheap checks, store the upload, then reserve + enqueue in one transaction.
 pub async fn intake(
-    ledger: &Ledger,
+    queue: &Queue,
     storage: &Storage,
     order: Order<'_>,
 ) -> Result<Accepted, IntakeError> {
     let key = order.idempotency_key;
-    jobs::check_key(key).map_err(|_| IntakeError::BadKey)?;
+    kiln_jobs::check_key(key).map_err(|_| IntakeError::BadKey)?;
     let probe =
         kiln_assets::probe(&order.design, &Limits::default()).map_err(IntakeError::Upload)?;
     let spec = ProductSpec::from_json(order.spec_json)?;
     // Stored normalized, so a replay with the same spec compares equal however it was spaced.
     let spec_text = serde_json::to_string(&spec)
-        .map_err(|e| IntakeError::Ledger(LedgerError::Corrupt(format!("spec as JSON: {e}"))))?;
+        .map_err(|e| IntakeError::Jobs(JobsError::Corrupt(format!("spec as JSON: {e}"))))?;
     let sha = kiln_assets::sha256_hex(&order.design);
     let upload =
         ObjectKey::upload(order.account, &sha, probe.extension()).map_err(StorageError::from)?;
     // The account must exist before anything is written for it.
-    ledger.account(order.account).await?;
+    queue
+        .ledger()
+        .account(order.account)
+        .await
+        .map_err(JobsError::from)?;
     if storage.head(&upload).await?.is_none() {
         storage
             .put(&upload, order.design.clone(), probe.content_type())
             .await?;
     }
-    let enqueued = jobs::submit(
-        ledger,
+    let enqueued = kiln_jobs::submit(
+        queue,
         &NewJob {
             account: order.account,
             kit: order.kit,

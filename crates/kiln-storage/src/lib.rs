@@ -59,25 +59,6 @@ pub enum Storage {
 }
 
 impl Storage {
-    /// Parses `KILN_STORAGE`-style locations: `s3://bucket` (with `s3` settings from the
-    /// environment, see `S3Config::from_env`) or a local directory path (`file://` optional).
-    pub async fn from_location(
-        location: &str,
-        signing_secret: &[u8],
-        public_base: &str,
-    ) -> Result<Storage> {
-        if let Some(bucket) = location.strip_prefix("s3://") {
-            let cfg = S3Config::from_env(bucket.trim_end_matches('/'))?;
-            return Ok(Storage::S3(S3Store::connect(cfg).await?));
-        }
-        let path = location.strip_prefix("file://").unwrap_or(location);
-        Ok(Storage::Local(LocalStore::new(
-            path,
-            signing_secret.to_vec(),
-            public_base,
-        )?))
-    }
-
     /// Writes an object; an existing one under the same key is replaced atomically.
     pub async fn put(&self, key: &ObjectKey, body: Bytes, content_type: &str) -> Result<()> {
         match self {

@@ -47,51 +47,6 @@ impl std::fmt::Debug for S3Config {
     }
 }
 
-impl S3Config {
-    /// `KILN_S3_ENDPOINT`, `KILN_S3_REGION` (or `AWS_REGION`, default us-east-1),
-    /// `KILN_S3_PATH_STYLE` (default: on when an endpoint is set), and
-    /// `KILN_S3_ACCESS_KEY_ID` + `KILN_S3_SECRET_ACCESS_KEY` (else the default chain).
-    pub fn from_env(bucket: &str) -> Result<S3Config> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        if bucket.is_empty() {
-            return Err(StorageError::Config("s3:// needs a bucket name".into()));
-        }
-        let endpoint = var("KILN_S3_ENDPOINT");
-        let path_style = match var("KILN_S3_PATH_STYLE").as_deref() {
-            None => endpoint.is_some(),
-            Some("1" | "true" | "yes") => true,
-            Some("0" | "false" | "no") => false,
-            Some(other) => {
-                return Err(StorageError::Config(format!(
-                    "KILN_S3_PATH_STYLE={other:?} is not a boolean"
-                )));
-            }
-        };
-        let credentials = match (
-            var("KILN_S3_ACCESS_KEY_ID"),
-            var("KILN_S3_SECRET_ACCESS_KEY"),
-        ) {
-            (Some(a), Some(s)) => Some((a, s)),
-            (None, None) => None,
-            _ => {
-                return Err(StorageError::Config(
-                    "set both KILN_S3_ACCESS_KEY_ID and KILN_S3_SECRET_ACCESS_KEY".into(),
-                ));
-            }
-        };
-        Ok(S3Config {
-            bucket: bucket.to_owned(),
-            endpoint,
-            region: var("KILN_S3_REGION")
-                .or_else(|| var("AWS_REGION"))
-                .unwrap_or_else(|| "us-east-1".into()),
-            path_style,
-            credentials,
-            max_attempts: 5,
-        })
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct S3Store {
     client: Client,
@@ -130,8 +85,15 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug>(e: &SdkError<E>, key: &st
 
 impl S3Store {
     pub async fn connect(cfg: S3Config) -> Result<S3Store> {
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).region(Region::new(cfg.region.clone()));
+        // rustls on ring (the SDK's default HTTP client would build aws-lc).
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http)
+            .region(Region::new(cfg.region.clone()));
         if let Some((ak, sk)) = &cfg.credentials {
             loader = loader.credentials_provider(Credentials::new(ak, sk, None, None, "kiln"));
         }

@@ -1,19 +1,17 @@
 //! `kiln`: order kits, run workers and drive the credit ledger from a shell, on the embedded
 //! SQLite default or PostgreSQL.
 
-mod config;
 mod kits;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kiln_core::{AccountId, Action, Credits, Kit, PlanId};
-use kiln_ledger::{Balance, Db, JournalPage, Ledger, NewAccount, SystemClock};
+use kiln::app::{self, App, Migrate, WorkOptions};
+use kiln::settings::Settings;
+use kiln_jobs::JobId;
+use kiln_ledger::{Balance, JournalPage, NewAccount};
 use serde::Serialize;
-
-use crate::config::Config;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,7 +20,7 @@ use crate::config::Config;
     about = "Credit-metered asset kits for jewelry designs"
 )]
 struct Cli {
-    /// A TOML config file (database_url, [pricing]).
+    /// A TOML settings file (`kiln config` shows every setting; docs in README).
     #[arg(long, global = true, env = "KILN_CONFIG")]
     config: Option<PathBuf>,
     /// Print JSON instead of text.
@@ -34,8 +32,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create or upgrade the database schema.
+    /// Create or upgrade the database schema (the only command besides `demo` that does).
     Migrate,
+    /// Print the effective settings (defaults, then the file, then KILN_* environment),
+    /// secrets redacted.
+    Config,
     /// Open and inspect accounts.
     #[command(subcommand)]
     Accounts(AccountsCommand),
@@ -88,6 +89,10 @@ enum Command {
         /// Seconds running kits get to finish after SIGTERM.
         #[arg(long = "grace-secs", default_value_t = 60)]
         grace_secs: u64,
+        /// Migrate the database first (single-machine setups); otherwise an unmigrated
+        /// database is refused.
+        #[arg(long)]
+        migrate: bool,
     },
     /// Order and follow kits.
     #[command(subcommand)]
@@ -116,10 +121,10 @@ enum KitsCommand {
         wait: bool,
     },
     /// Show a job: its status (queued, running, succeeded, failed, cancelled), progress, charge.
-    Status { id: String },
+    Status { id: JobId },
     /// Cancel a queued job and release its credits.
     Cancel {
-        id: String,
+        id: JobId,
         #[arg(long)]
         account: AccountId,
     },
@@ -179,27 +184,96 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn connect(config: &Config) -> anyhow::Result<Ledger> {
-    let db = Db::connect(&config.database_url)
-        .await
-        .with_context(|| format!("cannot open the database at {}", config.database_url))?;
-    db.migrate().await.context("cannot migrate the database")?;
-    Ok(Ledger::new(
-        db,
-        Arc::new(config.pricing.clone()),
-        Arc::new(SystemClock),
-    ))
-}
-
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
-    let config = Config::load(cli.config.as_deref())?;
-    let ledger = connect(&config).await?;
+    let settings = Settings::load(cli.config.as_deref())?;
     let out = Out { json: cli.json };
-    match cli.command {
-        Command::Migrate => out.line(
-            "migrated",
-            &serde_json::json!({ "database": redact(&config.database_url) }),
-        ),
+    // The commands that change the schema or need storage and workers first; every other one
+    // works on the ledger of an already migrated database.
+    let command = match cli.command {
+        Command::Migrate => {
+            app::open_ledger(&settings, Migrate::Yes).await?;
+            out.line(
+                "migrated",
+                &serde_json::json!({ "database": settings.database_display() }),
+            );
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Command::Config => {
+            let v = settings.effective();
+            out.print(&v);
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Command::Demo { design, spec, kit } => {
+            let kits = match kit.as_str() {
+                "both" => vec![Kit::Essentials, Kit::Caratzon],
+                other => vec![other.parse::<Kit>().map_err(|_| {
+                    anyhow::anyhow!("--kit must be essentials, caratzon or both, not {other:?}")
+                })?],
+            };
+            let app = App::build(settings, Migrate::Yes).await?;
+            kits::demo(&app, design.as_deref(), spec.as_deref(), &kits).await?;
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Command::Work {
+            queues,
+            concurrency,
+            grace_secs,
+            migrate,
+        } => {
+            let queues = kits::parse_queues(&queues)?;
+            anyhow::ensure!(!queues.is_empty(), "--queues names no queue");
+            anyhow::ensure!(concurrency >= 1, "--concurrency must be at least 1");
+            let migrate = if migrate { Migrate::Yes } else { Migrate::No };
+            let app = App::build(settings, migrate).await?;
+            let opts = WorkOptions {
+                queues,
+                concurrency,
+                grace: std::time::Duration::from_secs(grace_secs),
+            };
+            kits::work(&app, opts).await?;
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Command::Kits(KitsCommand::Create {
+            account,
+            design,
+            spec,
+            kit,
+            idempotency_key,
+            wait,
+        }) => {
+            let app = App::build(settings, Migrate::No).await?;
+            let job = kits::create(
+                &app,
+                kits::NewKit {
+                    account,
+                    design: &design,
+                    spec: &spec,
+                    kit,
+                    key: idempotency_key,
+                },
+            )
+            .await?;
+            let job = if wait {
+                kits::wait(app.ledger(), &job.id, kit.as_str()).await?
+            } else {
+                job
+            };
+            if out.json {
+                out.print(&job.view());
+            } else if wait {
+                kits::print_job(&job);
+            } else {
+                println!("{}", job.id);
+            }
+            if wait && job.status != kiln_jobs::JobStatus::Succeeded {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        other => other,
+    };
+    let ledger = app::open_ledger(&settings, Migrate::No).await?;
+    match command {
         Command::Accounts(AccountsCommand::Create {
             plan,
             admin,
@@ -320,68 +394,6 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 print_balance(&ledger.balance(account).await?);
             }
         }
-        Command::Demo { design, spec, kit } => {
-            let kits = match kit.as_str() {
-                "both" => vec![Kit::Essentials, Kit::Caratzon],
-                other => vec![other.parse::<Kit>().map_err(|_| {
-                    anyhow::anyhow!("--kit must be essentials, caratzon or both, not {other:?}")
-                })?],
-            };
-            kits::demo(&ledger, &config, design.as_deref(), spec.as_deref(), &kits).await?;
-        }
-        Command::Work {
-            queues,
-            concurrency,
-            grace_secs,
-        } => {
-            let queues = kits::parse_queues(&queues)?;
-            anyhow::ensure!(!queues.is_empty(), "--queues names no queue");
-            anyhow::ensure!(concurrency >= 1, "--concurrency must be at least 1");
-            kits::work(
-                &ledger,
-                &config,
-                queues,
-                concurrency,
-                std::time::Duration::from_secs(grace_secs),
-            )
-            .await?;
-        }
-        Command::Kits(KitsCommand::Create {
-            account,
-            design,
-            spec,
-            kit,
-            idempotency_key,
-            wait,
-        }) => {
-            let job = kits::create(
-                &ledger,
-                &config,
-                kits::NewKit {
-                    account,
-                    design: &design,
-                    spec: &spec,
-                    kit,
-                    key: idempotency_key,
-                },
-            )
-            .await?;
-            let job = if wait {
-                kits::wait(&ledger, &job.id, kit.as_str()).await?
-            } else {
-                job
-            };
-            if out.json {
-                out.print(&job.view());
-            } else if wait {
-                kits::print_job(&job);
-            } else {
-                println!("{}", job.id);
-            }
-            if wait && job.status != kiln_ledger::jobs::JobStatus::Succeeded {
-                return Ok(std::process::ExitCode::FAILURE);
-            }
-        }
         Command::Kits(KitsCommand::Status { id }) => {
             let job = kits::job(&ledger, &id).await?;
             if out.json {
@@ -392,7 +404,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Kits(KitsCommand::Cancel { id, account }) => {
             let mut tx = ledger.db().begin().await?;
-            let job = kiln_ledger::jobs::cancel(&mut tx, &ledger.ctx(), account, &id).await?;
+            let job = kiln_jobs::cancel(&mut tx, &ledger.ctx(), account, &id).await?;
             tx.commit().await?;
             if out.json {
                 out.print(&job.view());
@@ -400,6 +412,11 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 kits::print_job(&job);
             }
         }
+        Command::Migrate
+        | Command::Config
+        | Command::Demo { .. }
+        | Command::Work { .. }
+        | Command::Kits(KitsCommand::Create { .. }) => unreachable!("handled above"),
         Command::Status => {
             let s = kits::status(&ledger).await?;
             if out.json {
@@ -429,7 +446,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
         }
         Command::Audit => {
-            let breaches = ledger.audit().await?;
+            let mut tx = ledger.db().begin_read().await?;
+            let breaches = kiln_jobs::audit(&mut tx, None).await?;
+            drop(tx);
             if out.json {
                 out.print(
                     &serde_json::json!({ "clean": breaches.is_empty(), "breaches": breaches }),
@@ -467,18 +486,6 @@ impl Out {
         } else {
             println!("{text}")
         }
-    }
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
-        }
-        _ => url.to_owned(),
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use kiln_assets::{Generator, Manifest};
 use kiln_core::Kit;
-use kiln_ledger::jobs::{self, JobStatus, NewJob};
+use kiln_jobs::{self as jobs, JobId, JobStatus, NewJob, Queue};
 use kiln_ledger::{Credits, Db, DbOptions, Ledger, NewAccount, PlanId, Pricing, SystemClock};
 use kiln_storage::{LocalStore, ObjectKey, Storage};
 use kit_worker::{Deps, WorkerConfig};
@@ -55,13 +55,13 @@ async fn account(ledger: &Ledger) -> Result<kiln_core::AccountId, Error> {
 }
 
 async fn enqueue(
-    ledger: &Ledger,
+    queue: &Queue,
     account: kiln_core::AccountId,
     key: &str,
     upload: &str,
-) -> Result<String, Error> {
+) -> Result<JobId, Error> {
     let e = jobs::submit(
-        ledger,
+        queue,
         &NewJob {
             account,
             kit: Kit::Essentials,
@@ -93,7 +93,7 @@ fn deps(ledger: &Ledger, dir: &std::path::Path) -> Result<Deps, Error> {
 /// does not compete with the renderer for the two cores), then polls every millisecond.
 async fn wait(
     ledger: &Ledger,
-    id: &str,
+    id: &JobId,
     quiet: Duration,
     until: impl Fn(&jobs::KitJob) -> bool,
 ) -> Result<jobs::KitJob, Error> {
@@ -208,8 +208,9 @@ async fn main() -> Result<(), Error> {
         },
     )
     .await?;
-    db.migrate().await?;
+    kiln_jobs::migrate(&db).await?;
     let ledger = Ledger::new(db, Arc::new(Pricing::default()), Arc::new(SystemClock));
+    let queue = Queue::new(ledger.clone());
     let dir = std::env::temp_dir().join(format!("kiln-queue-bench-{}", std::process::id()));
 
     match mode {
@@ -224,12 +225,12 @@ async fn main() -> Result<(), Error> {
             let started = Instant::now();
             let mut tasks = Vec::new();
             for (c, a) in accounts.into_iter().enumerate() {
-                let ledger = ledger.clone();
+                let queue = queue.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut done = 0u64;
                     while Instant::now() < deadline {
                         enqueue(
-                            &ledger,
+                            &queue,
                             a,
                             &format!("bench-{c}-{done}"),
                             "uploads/bench.jpg",
@@ -262,7 +263,7 @@ async fn main() -> Result<(), Error> {
             let mut lat = Vec::with_capacity(jobs_n);
             for i in 0..jobs_n {
                 // A missing upload: the worker claims the job, finds nothing and fails it.
-                let id = enqueue(&ledger, a, &format!("pickup-{i}"), "uploads/missing.jpg").await?;
+                let id = enqueue(&queue, a, &format!("pickup-{i}"), "uploads/missing.jpg").await?;
                 let j = wait(&ledger, &id, Duration::ZERO, |j| j.status.is_terminal()).await?;
                 let started = j.started_at.ok_or("never started")?;
                 #[allow(clippy::cast_precision_loss)]
@@ -297,7 +298,7 @@ async fn main() -> Result<(), Error> {
             // statements on both sides (a few kits through the queue, not measured).
             direct_kit(&d, &key, "warmup").await?;
             for i in 0..3 {
-                let id = enqueue(&ledger, a, &format!("warmup-{i}"), key.as_str()).await?;
+                let id = enqueue(&queue, a, &format!("warmup-{i}"), key.as_str()).await?;
                 wait(&ledger, &id, Duration::ZERO, |j| j.status.is_terminal()).await?;
             }
             // Direct and queued kits alternate, so drift in the machine's speed hits both alike;
@@ -311,7 +312,7 @@ async fn main() -> Result<(), Error> {
                 // each millisecond.
                 let quiet = Duration::from_secs_f64(generate * 0.8 / 1000.0);
                 let t = Instant::now();
-                let id = enqueue(&ledger, a, &format!("overhead-{i}"), key.as_str()).await?;
+                let id = enqueue(&queue, a, &format!("overhead-{i}"), key.as_str()).await?;
                 submits.push(t.elapsed().as_secs_f64() * 1000.0);
                 let j = wait(&ledger, &id, quiet, |j| j.status.is_terminal()).await?;
                 if j.status != JobStatus::Succeeded {
@@ -327,7 +328,7 @@ async fn main() -> Result<(), Error> {
                     .0
                     .lock()
                     .map_err(|_| "timings lock")?
-                    .get(&id)
+                    .get(id.as_str())
                     .copied()
                     .ok_or("the worker reported no timings")?;
                 overhead.push(queued - w_gen - w_pub);

@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_assets::{Generator, KitError, Manifest, Step};
 use kiln_core::{ProductSpec, Timestamp};
-use kiln_ledger::jobs::{self, Claim, KitJob, Progress};
-use kiln_ledger::{Ledger, LedgerError};
+use kiln_jobs::{self as jobs, Claim, Fence, JobId, JobsError, KitJob, Progress, TaskId, WorkerName};
+use kiln_ledger::Ledger;
 use kiln_storage::{ObjectKey, Storage, StorageError};
 
 /// What a worker needs to run jobs.
@@ -99,8 +99,8 @@ impl From<KitError> for RunError {
 }
 
 /// Database trouble while working: worth another attempt later.
-impl From<LedgerError> for RunError {
-    fn from(e: LedgerError) -> Self {
+impl From<JobsError> for RunError {
+    fn from(e: JobsError) -> Self {
         RunError::Retry {
             code: "database_unavailable",
             message: e.to_string(),
@@ -109,7 +109,12 @@ impl From<LedgerError> for RunError {
 }
 
 /// Runs one delivery of `task` for job `id` as `worker`.
-pub async fn run(deps: &Deps, id: &str, task: &str, worker: &str) -> Result<Outcome, LedgerError> {
+pub async fn run(
+    deps: &Deps,
+    id: &JobId,
+    task: &TaskId,
+    worker: &WorkerName,
+) -> Result<Outcome, JobsError> {
     let claim = {
         let mut tx = deps.ledger.db().begin().await?;
         let c = jobs::claim(
@@ -129,7 +134,7 @@ pub async fn run(deps: &Deps, id: &str, task: &str, worker: &str) -> Result<Outc
         Claim::Finished(_) | Claim::Busy => return Ok(Outcome::Skipped),
         Claim::GaveUp(_) => return Ok(Outcome::GaveUp),
     };
-    tracing::info!(job = %job.id, kit = %job.kit, attempt = job.attempts, fence, "kit job started");
+    tracing::info!(job = %job.id, kit = %job.kit, attempt = job.attempts, fence = fence.0, "kit job started");
     let superseded = Arc::new(AtomicBool::new(false));
     let lease = tokio::spawn(renew_lease(
         deps.clone(),
@@ -157,12 +162,12 @@ pub async fn run(deps: &Deps, id: &str, task: &str, worker: &str) -> Result<Outc
                 );
                 Ok(Outcome::Succeeded)
             } else {
-                tracing::warn!(job = %job.id, fence, "a newer attempt owns the job; not finishing");
+                tracing::warn!(job = %job.id, fence = fence.0, "a newer attempt owns the job; not finishing");
                 Ok(Outcome::Skipped)
             }
         }
         Err(RunError::Superseded) => {
-            tracing::warn!(job = %job.id, fence, "superseded by a newer attempt; stopped");
+            tracing::warn!(job = %job.id, fence = fence.0, "superseded by a newer attempt; stopped");
             Ok(Outcome::Skipped)
         }
         Err(RunError::Retry { code, message }) if job.attempts < job.max_attempts => {
@@ -200,16 +205,16 @@ pub async fn run(deps: &Deps, id: &str, task: &str, worker: &str) -> Result<Outc
 
 /// Renews the lease every quarter of its length until aborted; flags `superseded` when a newer
 /// attempt has taken the job.
-async fn renew_lease(deps: Deps, id: String, fence: i64, superseded: Arc<AtomicBool>) {
+async fn renew_lease(deps: Deps, id: JobId, fence: Fence, superseded: Arc<AtomicBool>) {
     let mut tick = tokio::time::interval(deps.lease / 4);
     tick.tick().await;
     loop {
         tick.tick().await;
         let renewed = async {
             let mut tx = deps.ledger.db().begin().await?;
-            let ok = jobs::touch(&mut tx, deps.ledger.ctx().now, &id, fence).await?;
+            let ok = jobs::renew_lease(&mut tx, deps.ledger.ctx().now, &id, fence).await?;
             tx.commit().await?;
-            Ok::<bool, LedgerError>(ok)
+            Ok::<bool, JobsError>(ok)
         }
         .await;
         match renewed {
@@ -242,7 +247,7 @@ struct Published {
 async fn work(
     deps: &Deps,
     job: &KitJob,
-    fence: i64,
+    fence: Fence,
     superseded: &Arc<AtomicBool>,
 ) -> Result<Published, RunError> {
     let upload_key = ObjectKey::parse(&job.upload_key).map_err(|e| RunError::Fail {
@@ -280,7 +285,7 @@ async fn work(
                     let mut tx = ledger.db().begin().await?;
                     let ok = jobs::progress(&mut tx, ledger.ctx().now, &id, fence, &p).await?;
                     tx.commit().await?;
-                    Ok::<bool, LedgerError>(ok)
+                    Ok::<bool, JobsError>(ok)
                 }
                 .await;
                 match written {
@@ -311,7 +316,7 @@ async fn work(
     }
 
     let building = std::time::Instant::now();
-    let manifest = Manifest::new(&job.id, job.kit, deps.generator.name(), &assets);
+    let manifest = Manifest::new(job.id.as_str(), job.kit, deps.generator.name(), &assets);
     let files = assets
         .iter()
         .map(|a| (a.path.as_str(), a.bytes.clone(), a.content_type))
@@ -320,14 +325,15 @@ async fn work(
     let mut manifest_key = String::new();
     let mut publish = building.elapsed();
     for (path, bytes, content_type) in files {
-        let key = ObjectKey::kit(&job.id.to_lowercase(), path).map_err(StorageError::from)?;
+        let key = ObjectKey::kit(&job.id.as_str().to_lowercase(), path)
+            .map_err(StorageError::from)?;
         // Before the first asset and before the manifest: is the job still ours? (Between
         // checks a superseded attempt can only rewrite identical bytes, generation being
         // deterministic, and the lease loop flags it as soon as a renewal is refused.)
         let check =
             manifest_key.is_empty() || path == "manifest.json" || superseded.load(Ordering::SeqCst);
         if check {
-            let mut tx = deps.ledger.db().begin_read().await?;
+            let mut tx = deps.ledger.db().begin_read().await.map_err(JobsError::from)?;
             let still_ours = jobs::owns(&mut tx, &job.id, fence).await?;
             drop(tx);
             if !still_ours {

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use apalis::prelude::*;
 use kiln_core::Kit;
+use kiln_jobs::{KitTask, WorkerName};
 use kiln_ledger::Db;
-use kiln_ledger::jobs::KitTask;
 
 pub use job::{Deps, Outcome, backoff};
 
@@ -117,7 +117,8 @@ async fn handle(
     deps: Data<Arc<Deps>>,
     worker: WorkerContext,
 ) -> Result<(), BoxDynError> {
-    match job::run(&deps, &task.job, &id.to_string(), worker.name()).await {
+    let task_id = id.to_string().parse()?;
+    match job::run(&deps, &task.job, &task_id, &WorkerName::new(worker.name())).await {
         Ok(outcome) => {
             tracing::debug!(job = %task.job, ?outcome, "delivery done");
             Ok(())
@@ -232,9 +233,9 @@ pub async fn run(
         } => {
             let handed = async {
                 let mut tx = deps.ledger.db().begin().await?;
-                let n = kiln_ledger::jobs::hand_back(&mut tx, deps.ledger.ctx().now, &cfg.name).await?;
+                let n = kiln_jobs::hand_back(&mut tx, deps.ledger.ctx().now, &cfg.name).await?;
                 tx.commit().await?;
-                Ok::<u32, kiln_ledger::LedgerError>(n)
+                Ok::<u32, kiln_jobs::JobsError>(n)
             }
             .await;
             match handed {

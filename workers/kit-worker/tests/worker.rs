@@ -9,8 +9,8 @@ use bytes::Bytes;
 use kiln_assets::Generator;
 use kiln_core::Kit;
 use kiln_ledger::backends;
-use kiln_ledger::jobs::{self, Charge, JobStatus, KitJob};
-use kiln_ledger::testing::TestDb;
+use kiln_jobs::testing::{TestDb, test_db};
+use kiln_jobs::{self as jobs, Charge, JobId, JobStatus, KitJob, Queue, WorkerName};
 use kiln_ledger::{AccountId, Backend, Ledger, NewAccount, PlanId, Pricing, SystemClock};
 use kiln_producer::{Order, intake};
 use kiln_storage::{LocalStore, ObjectKey, Storage};
@@ -28,6 +28,7 @@ struct Rig {
     _db: TestDb,
     dir: std::path::PathBuf,
     deps: Deps,
+    queue: Queue,
     account: AccountId,
 }
 
@@ -38,7 +39,7 @@ impl Drop for Rig {
 }
 
 async fn rig(backend: Backend) -> Rig {
-    let db = TestDb::new(backend, 10).await;
+    let db = test_db(backend, 10).await;
     let ledger = Ledger::new(
         db.db.clone(),
         Arc::new(Pricing::default()),
@@ -63,6 +64,7 @@ async fn rig(backend: Backend) -> Rig {
     Rig {
         _db: db,
         dir,
+        queue: Queue::new(ledger.clone()),
         deps: Deps {
             ledger,
             storage,
@@ -80,7 +82,7 @@ fn design() -> Bytes {
 
 async fn order(rig: &Rig, kit: Kit, design: Bytes, key: &str) -> KitJob {
     intake(
-        &rig.deps.ledger,
+        &rig.queue,
         &rig.deps.storage,
         Order {
             account: rig.account,
@@ -96,13 +98,13 @@ async fn order(rig: &Rig, kit: Kit, design: Bytes, key: &str) -> KitJob {
     .job
 }
 
-async fn job(rig: &Rig, id: &str) -> KitJob {
+async fn job(rig: &Rig, id: &JobId) -> KitJob {
     let mut tx = rig.deps.ledger.db().begin_read().await.expect("begin");
     jobs::job(&mut tx, id).await.expect("read").expect("exists")
 }
 
 /// Polls the job (it lives in another task's hands) until `done` holds; 60 s at most.
-async fn wait_until(rig: &Rig, id: &str, done: impl Fn(&KitJob) -> bool) -> KitJob {
+async fn wait_until(rig: &Rig, id: &JobId, done: impl Fn(&KitJob) -> bool) -> KitJob {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let j = job(rig, id).await;
@@ -131,7 +133,8 @@ fn start_worker(
 }
 
 async fn assert_clean(rig: &Rig) {
-    let breaches = rig.deps.ledger.audit().await.expect("audit");
+    let mut tx = rig.deps.ledger.db().begin_read().await.expect("begin");
+    let breaches = jobs::audit(&mut tx, None).await.expect("audit");
     assert!(breaches.is_empty(), "audit: {breaches:#?}");
 }
 
@@ -201,9 +204,10 @@ async fn duplicate_deliveries_commit_once(backend: Backend) {
     let rig = rig(backend).await;
     let j = order(&rig, Kit::Essentials, design(), "dup").await;
     // The same task delivered to two workers at once (no apalis worker running here).
+    let (wa, wb) = (WorkerName::new("worker-a"), WorkerName::new("worker-b"));
     let (a, b) = tokio::join!(
-        kit_worker::job::run(&rig.deps, &j.id, &j.task_id, "worker-a"),
-        kit_worker::job::run(&rig.deps, &j.id, &j.task_id, "worker-b"),
+        kit_worker::job::run(&rig.deps, &j.id, &j.task_id, &wa),
+        kit_worker::job::run(&rig.deps, &j.id, &j.task_id, &wb),
     );
     let outcomes = [a.expect("run a"), b.expect("run b")];
     let wins = outcomes
@@ -219,7 +223,7 @@ async fn duplicate_deliveries_commit_once(backend: Backend) {
     );
     assert_complete(&rig, &done).await;
     // A third, late delivery changes nothing.
-    let late = kit_worker::job::run(&rig.deps, &j.id, &j.task_id, "worker-c")
+    let late = kit_worker::job::run(&rig.deps, &j.id, &j.task_id, &WorkerName::new("worker-c"))
         .await
         .expect("run");
     assert_eq!(late, Outcome::Skipped);
@@ -249,7 +253,7 @@ async fn a_bad_idempotency_key_is_refused_before_anything_is_stored(backend: Bac
     // 197 characters: within 200, but not once the reservation's `kit:` prefix is added.
     for key in [String::new(), "k".repeat(197), "tab\tkey".to_owned()] {
         let e = intake(
-            &rig.deps.ledger,
+            &rig.queue,
             &rig.deps.storage,
             Order {
                 account: rig.account,

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use kiln_ledger::{Backend, Db, Ledger, ManualClock, Pricing, Timestamp};
+use kiln_ledger::{Backend, Ledger, ManualClock, Pricing, Timestamp};
 
 pub use kiln_ledger::testing::TestDb;
 
@@ -42,25 +42,4 @@ impl Harness {
             clock,
         }
     }
-}
-
-/// The apalis tasks of `queue`: (id, payload).
-pub async fn tasks(db: &Db, queue: &str) -> Vec<(String, kiln_ledger::jobs::KitTask)> {
-    let rows: Vec<(String, Vec<u8>)> = match db {
-        Db::Postgres(p) => {
-            sqlx::query_as("SELECT id, job FROM apalis.jobs WHERE job_type = $1 ORDER BY id")
-                .bind(queue)
-                .fetch_all(p)
-                .await
-                .expect("tasks")
-        }
-        Db::Sqlite(p) => sqlx::query_as("SELECT id, job FROM Jobs WHERE job_type = $1 ORDER BY id")
-            .bind(queue)
-            .fetch_all(p)
-            .await
-            .expect("tasks"),
-    };
-    rows.into_iter()
-        .map(|(id, job)| (id, serde_json::from_slice(&job).expect("task payload")))
-        .collect()
 }

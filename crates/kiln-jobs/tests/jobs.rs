@@ -8,7 +8,10 @@ use kiln_ledger::backends;
 
 use common::{DAY, Harness, tasks};
 use kiln_core::Kit;
-use kiln_ledger::jobs::{self, Charge, Claim, JobStatus, NewJob, Progress};
+use kiln_jobs::{
+    self as jobs, Charge, Claim, Fence, JobId, JobStatus, JobsError, NewJob, Progress, Queue,
+    TaskId, WorkerName,
+};
 use kiln_ledger::{AccountId, Backend, Db, LedgerError, NewAccount, PlanId, Tx};
 
 backends!(
@@ -76,20 +79,10 @@ async fn available(h: &Harness, id: AccountId) -> u64 {
     h.ledger.balance(id).await.expect("balance").available.get()
 }
 
-async fn delete_task(db: &Db, id: &str) {
-    match db {
-        Db::Postgres(p) => sqlx::query("DELETE FROM apalis.jobs WHERE id = $1")
-            .bind(id)
-            .execute(p)
-            .await
-            .map(|_| ()),
-        Db::Sqlite(p) => sqlx::query("DELETE FROM Jobs WHERE id = $1")
-            .bind(id)
-            .execute(p)
-            .await
-            .map(|_| ()),
-    }
-    .expect("delete task");
+async fn delete_task(db: &Db, id: &TaskId) {
+    kiln_jobs::apalis::delete_task(db, id)
+        .await
+        .expect("delete task");
 }
 
 async fn assert_agree(h: &Harness) {
@@ -104,27 +97,28 @@ async fn assert_agree(h: &Harness) {
 const LEASE: i64 = 60_000;
 
 /// A later delivery after the running attempt went silent for longer than its lease.
-async fn claim_after_lease(h: &Harness, id: &str, task: &str, worker: &str) -> Claim {
+async fn claim_after_lease(h: &Harness, id: &JobId, task: &TaskId, worker: &str) -> Claim {
     h.clock.advance_millis(LEASE + 1);
     claim(h, id, task, worker).await
 }
 
-async fn claim(h: &Harness, id: &str, task: &str, worker: &str) -> Claim {
+async fn claim(h: &Harness, id: &JobId, task: &TaskId, worker: &str) -> Claim {
+    let worker = WorkerName::new(worker);
     in_tx!(h, |tx, ctx| jobs::claim(
-        &mut tx, &ctx, id, task, worker, LEASE
+        &mut tx, &ctx, id, task, &worker, LEASE
     )
     .await
     .expect("claim"))
 }
 
-fn fence_of(c: &Claim) -> i64 {
+fn fence_of(c: &Claim) -> Fence {
     match c {
         Claim::Run { fence, .. } => *fence,
         other => panic!("expected to run, got {other:?}"),
     }
 }
 
-async fn get(h: &Harness, id: &str) -> jobs::KitJob {
+async fn get(h: &Harness, id: &JobId) -> jobs::KitJob {
     let mut tx: Tx = h.ledger.db().begin_read().await.expect("begin");
     jobs::job(&mut tx, id).await.expect("job").expect("exists")
 }
@@ -162,7 +156,7 @@ async fn enqueue_reserves_and_pushes_one_task_atomically(backend: Backend) {
     )
     .await
     .expect_err("conflict");
-    assert!(matches!(e, LedgerError::IdempotencyConflict { .. }), "{e}");
+    assert!(matches!(e, JobsError::Ledger(LedgerError::IdempotencyConflict { .. })), "{e}");
     drop(tx);
 
     // Not enough credits for a second Caratzon: refused, and no job, task or hold is left.
@@ -176,7 +170,7 @@ async fn enqueue_reserves_and_pushes_one_task_atomically(backend: Backend) {
     )
     .await
     .expect_err("insufficient");
-    assert!(matches!(e, LedgerError::InsufficientCredits { .. }), "{e}");
+    assert!(matches!(e, JobsError::Ledger(LedgerError::InsufficientCredits { .. })), "{e}");
     drop(tx);
     assert_eq!(available(&h, acct).await, left);
     assert_eq!(tasks(h.ledger.db(), "kits.caratzon").await.len(), 1);
@@ -213,8 +207,8 @@ async fn submit_writes_what_enqueue_writes_and_locks_when_due(backend: Backend) 
         .account
         .id;
     let submit = |key: &'static str, upload: &'static str| {
-        let ledger = h.ledger.clone();
-        async move { jobs::submit(&ledger, &new_job(acct, Kit::Caratzon, key, upload)).await }
+        let queue = Queue::new(h.ledger.clone());
+        async move { jobs::submit(&queue, &new_job(acct, Kit::Caratzon, key, upload)).await }
     };
     let before = available(&h, acct).await;
     let first = submit("s1", "uploads/a.jpg").await.expect("submit");
@@ -233,7 +227,7 @@ async fn submit_writes_what_enqueue_writes_and_locks_when_due(backend: Backend) 
     assert!(again.replayed);
     assert_eq!(again.job, first.job);
     let e = submit("s1", "uploads/b.jpg").await.expect_err("conflict");
-    assert!(matches!(e, LedgerError::IdempotencyConflict { .. }), "{e}");
+    assert!(matches!(e, JobsError::Ledger(LedgerError::IdempotencyConflict { .. })), "{e}");
     assert_eq!(available(&h, acct).await, before - 100);
 
     // Three months on, the renewal is due: the optimistic path stands aside for the locking one,
@@ -255,7 +249,7 @@ async fn submit_writes_what_enqueue_writes_and_locks_when_due(backend: Backend) 
 /// a delayed retry wakes nobody (polling finds it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_wakes_listeners_once_per_due_task() {
-    let test_db = kiln_ledger::testing::TestDb::new(Backend::Postgres, 16).await;
+    let test_db = kiln_jobs::testing::test_db(Backend::Postgres, 16).await;
     let Db::Postgres(pool) = &test_db.db else {
         unreachable!("a PostgreSQL test database")
     };
@@ -264,6 +258,7 @@ async fn submit_wakes_listeners_once_per_due_task() {
         std::sync::Arc::new(kiln_ledger::Pricing::default()),
         std::sync::Arc::new(kiln_ledger::SystemClock),
     );
+    let queue = Queue::new(ledger.clone());
     let acct = account(&ledger).await;
     let mut accounts = Vec::new();
     for _ in 0..8 {
@@ -273,7 +268,7 @@ async fn submit_wakes_listeners_once_per_due_task() {
         .await
         .expect("listen");
     listener
-        .listen("apalis::job::insert")
+        .listen(kiln_jobs::apalis::WAKE_CHANNEL)
         .await
         .expect("listen");
     let next_task = async |l: &mut sqlx::postgres::PgListener| {
@@ -288,7 +283,7 @@ async fn submit_wakes_listeners_once_per_due_task() {
     };
     let submit = async |key: &str| {
         jobs::submit(
-            &ledger,
+            &queue,
             &new_job(acct, Kit::Essentials, key, "uploads/a.jpg"),
         )
         .await
@@ -303,7 +298,7 @@ async fn submit_wakes_listeners_once_per_due_task() {
     // The first job fails transiently and is handed back for an hour from now.
     let mut tx = ledger.db().begin().await.expect("begin");
     let ctx = ledger.ctx();
-    let fence = match jobs::claim(&mut tx, &ctx, &j1.id, &j1.task_id, "w", 60_000)
+    let fence = match jobs::claim(&mut tx, &ctx, &j1.id, &j1.task_id, &WorkerName::new("w"), 60_000)
         .await
         .expect("claim")
     {
@@ -363,12 +358,12 @@ async fn submit_wakes_listeners_once_per_due_task() {
     // (those queued while a round is out go in the next round, not astray).
     let mut set = tokio::task::JoinSet::new();
     for i in 0..48 {
-        let ledger = ledger.clone();
+        let queue = queue.clone();
         let acct = accounts[i % accounts.len()];
         set.spawn(async move {
             let key = format!("burst-{i}");
             jobs::submit(
-                &ledger,
+                &queue,
                 &new_job(acct, Kit::Essentials, &key, "uploads/a.jpg"),
             )
             .await
@@ -402,7 +397,7 @@ async fn only_the_current_fence_finishes_a_job(backend: Backend) {
         Claim::Busy
     );
     h.clock.advance_millis(LEASE / 2);
-    let renewed = in_tx!(h, |tx, ctx| jobs::touch(&mut tx, ctx.now, &job.id, stale)
+    let renewed = in_tx!(h, |tx, ctx| jobs::renew_lease(&mut tx, ctx.now, &job.id, stale)
         .await
         .expect("touch"));
     assert!(renewed);
@@ -414,7 +409,7 @@ async fn only_the_current_fence_finishes_a_job(backend: Backend) {
     );
     let current = fence_of(&claim_after_lease(&h, &job.id, &job.task_id, "worker-b").await);
     assert!(current > stale);
-    let renewed = in_tx!(h, |tx, ctx| jobs::touch(&mut tx, ctx.now, &job.id, stale)
+    let renewed = in_tx!(h, |tx, ctx| jobs::renew_lease(&mut tx, ctx.now, &job.id, stale)
         .await
         .expect("touch"));
     assert!(!renewed, "a superseded attempt cannot renew the lease");
@@ -564,14 +559,14 @@ async fn cancel_only_queued_jobs_of_their_owner(backend: Backend) {
     let e = jobs::cancel(&mut tx, &ctx, other, &queued.id)
         .await
         .expect_err("not theirs");
-    assert!(matches!(e, LedgerError::JobNotFound(_)), "{e}");
+    assert!(matches!(e, JobsError::JobNotFound(_)), "{e}");
     let e = jobs::cancel(&mut tx, &ctx, acct, &running.id)
         .await
         .expect_err("running");
     assert!(
         matches!(
             e,
-            LedgerError::JobNotCancellable {
+            JobsError::JobNotCancellable {
                 status: JobStatus::Running,
                 ..
             }
@@ -650,12 +645,12 @@ async fn reconciler_requeues_orphans_and_resolves_charges(backend: Backend) {
     let job2 = enqueue(&h, acct, Kit::Essentials, "k2", "u").await.job;
     match h.ledger.db() {
         Db::Postgres(p) => sqlx::query("UPDATE kit_jobs SET status = 'succeeded' WHERE id = $1")
-            .bind(&job2.id)
+            .bind(job2.id.as_str())
             .execute(p)
             .await
             .map(|_| ()),
         Db::Sqlite(p) => sqlx::query("UPDATE kit_jobs SET status = 'succeeded' WHERE id = $1")
-            .bind(&job2.id)
+            .bind(job2.id.as_str())
             .execute(p)
             .await
             .map(|_| ()),

@@ -1,0 +1,73 @@
+//! One generated file and what it is for: the piece the kit assembly (`kit`) and the Caratzon
+//! extras (`caratzon`) both make, so neither needs the other's types.
+
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::{AssetError, Quality, encode_jpeg, quality};
+
+/// What an asset is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    MainImage,
+    ShadowImage,
+    DetailImage,
+    WebImage,
+    SpecSheet,
+    LineSheet,
+    SeoCopy,
+    LifestyleImage,
+    EditorialImage,
+    SocialImage,
+    Lookbook,
+}
+
+/// One generated file: its path inside the kit, bytes and metadata.
+#[derive(Clone, Debug)]
+pub struct Asset {
+    pub path: String,
+    pub role: Role,
+    pub content_type: &'static str,
+    pub bytes: Vec<u8>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub alt: Option<String>,
+    pub quality: Option<Quality>,
+}
+
+impl Asset {
+    /// A file that is not an image (PDF, JSON, Markdown).
+    pub fn file(path: &str, role: Role, content_type: &'static str, bytes: Vec<u8>) -> Asset {
+        Asset {
+            path: path.to_owned(),
+            role,
+            content_type,
+            bytes,
+            width: None,
+            height: None,
+            alt: None,
+            quality: None,
+        }
+    }
+}
+
+pub(crate) fn image_asset(
+    path: &str,
+    role: Role,
+    img: &RgbImage,
+    q: u8,
+    alt: String,
+    main: bool,
+) -> Result<Asset, AssetError> {
+    Ok(Asset {
+        path: path.to_owned(),
+        role,
+        content_type: "image/jpeg",
+        bytes: encode_jpeg(img, q)?,
+        width: Some(img.width()),
+        height: Some(img.height()),
+        alt: Some(alt),
+        quality: Some(quality::judge(img, main)),
+    })
+}

@@ -1,0 +1,109 @@
+//! Repairs and checks: the reconciler resolves the held charges of ended jobs and gives orphaned
+//! open jobs a new task (or fails them when out of attempts); the audit ties every job to its
+//! charge on top of the ledger's own invariants.
+
+use kiln_core::AccountId;
+use kiln_ledger::{Breach, Ctx, ReservationId, Tx, on_tx};
+use serde::Serialize;
+
+use crate::lifecycle::{fail, requeue};
+use crate::{Result, apalis};
+
+/// What one reconciler pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Reconciled {
+    /// Held reservations of ended jobs, committed or released to match.
+    pub charges_resolved: u32,
+    /// Open jobs whose task had ended or vanished, given a new task.
+    pub requeued: u32,
+    /// Open jobs whose task had ended or vanished with no attempts left, failed and released.
+    pub failed: u32,
+}
+
+/// Repairs what a crash can leave: a reservation still held for an ended job, and an open job
+/// whose apalis task is gone or finished (pruned, killed, or marked done by a stale attempt)
+/// and that nobody has touched for `stale_ms`.
+pub async fn reconcile(tx: &mut Tx, ctx: &Ctx<'_>, stale_ms: i64) -> Result<Reconciled> {
+    let mut out = Reconciled::default();
+    let held: Vec<(i64, String)> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT r.id, j.status FROM kit_jobs j JOIN reservations r ON r.id = j.reservation_id \
+         WHERE r.state = 'held' AND j.status IN ('succeeded', 'failed', 'cancelled')",
+    )
+    .fetch_all(&mut **c)
+    .await?);
+    for (r, status) in held {
+        if status == "succeeded" {
+            kiln_ledger::commit(tx, ctx, ReservationId(r)).await?;
+        } else {
+            kiln_ledger::release(tx, ctx, ReservationId(r)).await?;
+        }
+        out.charges_resolved += 1;
+    }
+    let orphans = apalis::orphans(tx, ctx.now.millis() - stale_ms).await?;
+    for (id, fence, attempts, max) in orphans {
+        if attempts >= max {
+            if fail(
+                tx,
+                ctx,
+                &id,
+                fence,
+                "attempts_exhausted",
+                "the job's worker stopped and no attempts are left",
+            )
+            .await?
+            {
+                out.failed += 1;
+            }
+            continue;
+        }
+        if requeue(tx, &id, fence, ctx.now, ctx.now, None).await? {
+            out.requeued += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Every job's status against its charge: ended jobs must have resolved charges that match
+/// (succeeded = committed; failed or cancelled = released), open jobs must still hold theirs,
+/// and every kit reservation must belong to a job. Part of [`audit`].
+pub async fn check_charges(tx: &mut Tx) -> Result<Vec<Breach>> {
+    let rows: Vec<(String, String, String, String)> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT j.account_id, j.id, j.status, r.state FROM kit_jobs j \
+         JOIN reservations r ON r.id = j.reservation_id \
+         WHERE NOT ((j.status = 'succeeded' AND r.state = 'committed') \
+           OR (j.status IN ('failed', 'cancelled') AND r.state = 'released') \
+           OR (j.status IN ('queued', 'running') AND r.state = 'held'))",
+    )
+    .fetch_all(&mut **c)
+    .await?);
+    let mut out: Vec<Breach> = rows
+        .into_iter()
+        .map(|(account_id, id, status, state)| Breach {
+            account_id,
+            what: format!("job {id} is {status} but its charge is {state}"),
+        })
+        .collect();
+    let lonely: Vec<(String, i64)> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT r.account_id, r.id FROM reservations r LEFT JOIN kit_jobs j ON j.reservation_id = r.id \
+         WHERE r.idempotency_key LIKE 'kit:%' AND j.id IS NULL",
+    )
+    .fetch_all(&mut **c)
+    .await?);
+    out.extend(lonely.into_iter().map(|(account_id, r)| Breach {
+        account_id,
+        what: format!("kit reservation {r} has no job"),
+    }));
+    Ok(out)
+}
+
+/// The whole audit of a live database: the ledger's invariants (DESIGN.md §3) and every job
+/// against its charge, for every account or for one. Empty means clean.
+pub async fn audit(tx: &mut Tx, account: Option<AccountId>) -> Result<Vec<Breach>> {
+    let mut out = kiln_ledger::audit(tx, account).await?;
+    let jobs = check_charges(tx).await?;
+    out.extend(
+        jobs.into_iter()
+            .filter(|b| account.is_none_or(|a| b.account_id == a.to_string())),
+    );
+    Ok(out)
+}

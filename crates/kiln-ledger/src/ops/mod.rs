@@ -1,0 +1,75 @@
+//! Every ledger operation as a function of an open transaction. Each one that changes credits
+//! first locks the account row (PostgreSQL `FOR UPDATE`; SQLite's transactions already hold
+//! the write lock), so all changes to one account are serialised and the lock order is always
+//! account, then reservation, then grants. The decisions are made by pure functions (`plan`);
+//! these modules load, call them and save:
+//!
+//! - `accounts`: open, read, quote, balance
+//! - `reserve`: holds drawn in burn-down order (the locking path), idempotent by key
+//! - `optimistic`: PostgreSQL's lock-free reserve (one read, one guarded write)
+//! - `resolve`: commit and release, each at most once
+//! - `grants`: grants, renewal on access and by schedule, top-ups
+//! - `journal`: the locked account, its totals and journal entries, saved together; the journal read
+//! - `rows`: stored rows and their parsing
+
+mod accounts;
+mod grants;
+mod journal;
+pub mod optimistic;
+mod reserve;
+mod resolve;
+mod rows;
+
+use kiln_core::{Pricing, Timestamp};
+
+use crate::LedgerError;
+
+pub use accounts::{account, account_by_api_key, balance, create_account, quote, totals};
+pub use grants::{due_accounts, grants, renew, topup};
+pub use journal::{Totals, journal};
+pub use reserve::{charge, reservation, reserve, reserve_locked};
+pub use resolve::{commit, release};
+pub(crate) use resolve::commit_pg;
+
+/// What the ledger's submodules share: its rows, the locked account and each other's helpers.
+mod prelude {
+    pub(crate) use std::str::FromStr;
+
+    pub(crate) use kiln_core::{
+        AccountId, Action, CreditKind, Credits, PlanId, Pricing, Timestamp, billing_cycle,
+    };
+    pub(crate) use sha2::{Digest, Sha256};
+
+    pub(crate) use super::{Ctx, Result, check_key};
+    pub(crate) use super::{
+        accounts::*, grants::*, journal::*, optimistic::*, reserve::*, rows::*,
+    };
+    pub(crate) use crate::Tx;
+    pub(crate) use crate::on_tx;
+    pub(crate) use crate::plan::{self, OpenGrant};
+    pub(crate) use crate::{
+        Account, Balance, CreatedAccount, EntryType, Grant, GrantId, JournalEntry, JournalPage,
+        KindBalance, LedgerError, NewAccount, Operation, Quote, Reservation, ReservationId,
+        ReservationState,
+    };
+}
+
+/// What every operation needs besides the transaction: the price list and the time.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx<'a> {
+    pub pricing: &'a Pricing,
+    pub now: Timestamp,
+}
+
+pub(crate) type Result<T> = std::result::Result<T, LedgerError>;
+
+/// An idempotency key, email or payment reference: 1-200 printable characters. The one check,
+/// for every kind of key (kiln-jobs checks kit keys with it too).
+pub fn check_key(key: &str, what: &'static str) -> Result<()> {
+    let ok = (1..=200).contains(&key.chars().count()) && key.chars().all(|c| !c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(LedgerError::BadKey { what })
+    }
+}
