@@ -27,9 +27,12 @@ services:
 	@scripts/ensure-s3s.sh
 	@$(MAKE) -s clean-test-dbs
 
-## The binaries the end-to-end tests run (cargo test alone builds only test harnesses).
+## The binaries the end-to-end tests run (cargo test alone builds only test harnesses), built
+## with the tests so that both share one feature resolution: built alone, the binaries would
+## resolve dependencies' features without the dev-dependencies' (hyper's server half, serde's
+## defaults ...), and the tests would then build most of the tree a second time.
 build:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --tests
 
 clean-test-dbs:
 	@for db in $$(psql "$$KILN_TEST_PG_URL" -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'kiln\_test\_%' OR datname LIKE 'kiln\_e2e\_%'"); do \

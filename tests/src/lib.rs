@@ -30,7 +30,11 @@ pub fn init_test_log() {
     let Ok(filter) = std::env::var("TEST_LOG") else {
         return;
     };
-    let filter = if filter == "1" { "info".to_owned() } else { filter };
+    let filter = if filter == "1" {
+        "info".to_owned()
+    } else {
+        filter
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_test_writer()
@@ -79,33 +83,36 @@ pub fn psql(sql: &str) -> Output {
         .expect("psql runs (make test installs the PostgreSQL client)")
 }
 
-/// A PostgreSQL database for one test, dropped with it.
+/// A PostgreSQL database for one test, dropped with it: the workspace's one test-database
+/// helper (`kiln_ledger::testing::TestDb`), empty, for tests that drive the `kiln` binary.
 #[derive(Debug)]
 pub struct PgDb {
     pub name: String,
     pub url: String,
+    _db: kiln_ledger::testing::TestDb,
 }
 
 impl PgDb {
     pub fn new() -> PgDb {
-        let name = format!(
-            "kiln_e2e_{}",
-            ulid::Ulid::generate().to_string().to_lowercase()
-        );
-        let out = psql(&format!("CREATE DATABASE {name}"));
-        assert!(
-            out.status.success(),
-            "create database: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let admin = pg_admin_url();
-        let root = admin
-            .rsplit_once('/')
-            .map_or(admin.as_str(), |(r, _)| r)
-            .to_owned();
+        // On a thread of its own: callers may or may not be inside a runtime already.
+        let db = std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let t = kiln_ledger::testing::TestDb::unmigrated(kiln_ledger::Backend::Postgres, 1)
+                    .await;
+                t.db.close().await;
+                t
+            })
+        })
+        .join()
+        .expect("create the test database");
         PgDb {
-            url: format!("{root}/{name}"),
-            name,
+            name: db.url.rsplit('/').next().unwrap_or_default().to_owned(),
+            url: db.url.clone(),
+            _db: db,
         }
     }
 }
@@ -113,15 +120,6 @@ impl PgDb {
 impl Default for PgDb {
     fn default() -> Self {
         PgDb::new()
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let _ = psql(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ));
     }
 }
 
@@ -176,6 +174,14 @@ pub fn kiln_cmd(db: &str, storage: &Path) -> Command {
         .env("KILN_MAX_ATTEMPTS", "12")
         .env("RUST_LOG", test_log_filter());
     cmd
+}
+
+/// `kiln migrate` on a test's database: every other command refuses an unmigrated one.
+pub fn migrate(db: &str, storage: &Path) {
+    ok(&kiln_cmd(db, storage)
+        .arg("migrate")
+        .output()
+        .expect("kiln migrate"));
 }
 
 /// `kiln work --concurrency 2 --grace-secs 5`, stderr appended to `log`.

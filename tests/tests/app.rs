@@ -109,7 +109,10 @@ async fn a_kit_runs_end_to_end(database_url: &str) {
     assert_eq!((b.committed.get(), b.held.get()), (10, 0));
 
     let _ = stop.send(());
-    worker.await.expect("join").expect("the worker stops cleanly");
+    worker
+        .await
+        .expect("join")
+        .expect("the worker stops cleanly");
     let mut tx = app.ledger().db().begin_read().await.expect("begin");
     let breaches = kiln_jobs::audit(&mut tx, None).await.expect("audit");
     assert!(breaches.is_empty(), "{breaches:#?}");

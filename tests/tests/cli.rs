@@ -187,11 +187,18 @@ fn commands_refuse_an_unmigrated_database_and_change_nothing() {
     let pg = PgDb::new();
     let sqlite = format!("sqlite://{}/fresh/kiln.db", dir.0.display());
     for url in [pg.url.as_str(), sqlite.as_str()] {
-        for args in [&["status"][..], &["audit"], &["accounts", "show", "01J0000000000000000000000A"]] {
+        for args in [
+            &["status"][..],
+            &["audit"],
+            &["accounts", "show", "01J0000000000000000000000A"],
+        ] {
             let out = kiln(Some(url), &dir.0, args);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{args:?} on {url}: {stderr}");
-            assert!(stderr.contains("run `kiln migrate`"), "{args:?} on {url}: {stderr}");
+            assert!(
+                stderr.contains("run `kiln migrate`"),
+                "{args:?} on {url}: {stderr}"
+            );
             assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
         }
     }
@@ -201,7 +208,10 @@ fn commands_refuse_an_unmigrated_database_and_change_nothing() {
          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')",
     );
     assert_eq!(tables, "0", "no table, index or sequence was created");
-    let extensions = kiln_e2e::psql_on(&pg.url, "SELECT COUNT(*) FROM pg_extension WHERE extname = 'hstore'");
+    let extensions = kiln_e2e::psql_on(
+        &pg.url,
+        "SELECT COUNT(*) FROM pg_extension WHERE extname = 'hstore'",
+    );
     assert_eq!(extensions, "0");
     assert!(
         !dir.0.join("fresh").exists(),

@@ -27,6 +27,7 @@ fn workers_killed_mid_kit_still_finish_every_job_exactly_once() {
     let storage = dir.0.join("objects");
     let log = dir.0.join("workers.log");
 
+    kiln_e2e::migrate(&pg.url, &storage);
     let created = ok(&kiln_cmd(&pg.url, &storage)
         .args(["accounts", "create", "--plan", "discover", "--json"])
         .output()

@@ -17,6 +17,7 @@ fn three_workers_run_300_jobs_once_each_and_essentials_flow_past_a_full_caratzon
     let pg = PgDb::new();
     let dir = Scratch::new();
     let storage = dir.0.join("objects");
+    kiln_e2e::migrate(&pg.url, &storage);
     let created = ok(&kiln_cmd(&pg.url, &storage)
         .args([
             "accounts",

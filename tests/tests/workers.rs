@@ -18,6 +18,7 @@ struct Order {
 }
 
 fn setup(db: &str, dir: &Path, env: &[(&str, &str)], storage: &Path) -> Order {
+    kiln_e2e::migrate(db, storage);
     let mut cmd = kiln_cmd(db, storage);
     cmd.envs(env.iter().copied());
     let created = ok(&cmd
@@ -58,6 +59,25 @@ fn field(db: &str, id: &str, expr: &str) -> String {
         db,
         &format!("SELECT {expr} FROM kit_jobs WHERE id = '{id}'"),
     )
+}
+
+/// `kiln status --json`.
+fn status_json(db: &str, storage: &std::path::Path) -> serde_json::Value {
+    let out = kiln_cmd(db, storage)
+        .args(["--json", "status"])
+        .output()
+        .expect("kiln status");
+    serde_json::from_str(&ok(&out)).expect("status JSON")
+}
+
+/// Tasks apalis holds as running, over every queue (`kiln status`).
+fn engine_running_tasks(db: &str, storage: &std::path::Path) -> u64 {
+    status_json(db, storage)["engine_running_tasks"]
+        .as_object()
+        .expect("engine_running_tasks")
+        .values()
+        .map(|n| n.as_u64().expect("count"))
+        .sum()
 }
 
 fn wait_for(what: &str, deadline: Instant, mut done: impl FnMut() -> bool) {
@@ -102,11 +122,9 @@ fn sigterm_lets_the_running_kit_finish_and_exits_zero() {
     );
     // Nothing is left held by the worker that stopped.
     assert_eq!(
-        psql_on(
-            &pg.url,
-            "SELECT COUNT(*) FROM apalis.jobs WHERE status = 'Running'"
-        ),
-        "0"
+        engine_running_tasks(&pg.url, &storage),
+        0,
+        "no task left running in apalis"
     );
     assert_eq!(count(&pg.url, "status = 'running'"), 0);
 }
@@ -231,7 +249,9 @@ fn losing_the_database_makes_kiln_work_exit_non_zero() {
     let mut worker = start_worker(&pg.url, &storage, &log);
     let deadline = Instant::now() + Duration::from_secs(60);
     wait_for("the workers to register", deadline, || {
-        psql_on(&pg.url, "SELECT COUNT(*) FROM apalis.workers") != "0"
+        status_json(&pg.url, &storage)["workers"]
+            .as_array()
+            .is_some_and(|w| !w.is_empty())
     });
     // The database goes away under the running process (its connections are terminated).
     let dropped = kiln_e2e::psql(&format!("DROP DATABASE {} WITH (FORCE)", pg.name));

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use kiln_core::{Kit, ProductSpec};
 use serde_json::json;
 
-use crate::copy::{self, ALT_MAX, Copy, META_MAX, TAG_MAX, TITLE_MAX};
 use crate::asset::{Asset, Role, image_asset};
+use crate::copy::{self, ALT_MAX, Copy, META_MAX, TAG_MAX, TITLE_MAX};
 use crate::kit::{Step, copy_assets};
 use crate::provider::{Provider, ProviderError, tag_ai_generated};
 use crate::{AssetError, Limits};
@@ -270,4 +270,3 @@ async fn ai_scene(
     };
     Ok(asset)
 }
-

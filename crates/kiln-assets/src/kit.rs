@@ -1,13 +1,12 @@
 //! Assembling a kit: which assets each kit holds, in which order they are made, and the
 //! manifest that lists them (written last by the worker).
 
-use image::RgbImage;
 use kiln_core::{Kit, ProductSpec};
 use serde::Serialize;
 
 use crate::asset::{Asset, Role, image_asset};
 use crate::photo::{self, MASTER_FILL, MASTER_SIDE};
-use crate::{AssetError, Limits, Quality, copy, encode_jpeg, quality, sha256_hex};
+use crate::{AssetError, Limits, Quality, copy, sha256_hex};
 
 /// Progress through a kit, reported before each step.
 #[derive(Clone, Debug, PartialEq, Eq)]

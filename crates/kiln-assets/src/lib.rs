@@ -19,9 +19,9 @@ pub mod quality;
 pub mod sample;
 pub mod scene;
 
+pub use asset::{Asset, Role};
 pub use decode::{Decoded, Limits, Probe, decode, probe};
 pub use generator::{Generator, KitError, Progress};
-pub use asset::{Asset, Role};
 pub use kit::{Manifest, ManifestEntry, Step, generate};
 pub use quality::Quality;
 

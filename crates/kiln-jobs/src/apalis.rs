@@ -125,11 +125,10 @@ pub(crate) async fn push_task(
         }
         Tx::Sqlite(c) => {
             use apalis_core::task::builder::TaskBuilder;
-            let id: apalis_core::task::task_id::TaskId = t
-                .id
-                .as_str()
-                .parse()
-                .map_err(|_| JobsError::Corrupt(format!("task id {task} is not a ULID")))?;
+            let id: apalis_core::task::task_id::TaskId =
+                t.id.as_str()
+                    .parse()
+                    .map_err(|_| JobsError::Corrupt(format!("task id {task} is not a ULID")))?;
             let task = TaskBuilder::new(t.payload)
                 .task_id(id)
                 .run_at_timestamp(u64::try_from(t.run_at_secs).unwrap_or(0))
@@ -400,4 +399,42 @@ pub async fn delete_task(db: &Db, task: &TaskId) -> Result<()> {
             .map(drop)?,
     }
     Ok(())
+}
+
+/// Tasks apalis holds as running, per queue: after every worker has stopped, anything here was
+/// left behind (its job is repaired by the reconciler). For `kiln status` and tests.
+pub async fn running_tasks(tx: &mut Tx) -> Result<Vec<(String, u64)>> {
+    let sql = match tx {
+        Tx::Postgres(_) => {
+            "SELECT job_type, COUNT(*) FROM apalis.jobs WHERE status = 'Running' \
+             GROUP BY job_type ORDER BY job_type"
+        }
+        Tx::Sqlite(_) => {
+            "SELECT job_type, COUNT(*) FROM Jobs WHERE status = 'Running' \
+             GROUP BY job_type ORDER BY job_type"
+        }
+    };
+    let rows: Vec<(String, i64)> =
+        kiln_ledger::on_tx!(tx, c => sqlx::query_as(sql).fetch_all(&mut **c).await?);
+    Ok(rows
+        .into_iter()
+        .map(|(q, n)| (q, u64::try_from(n).unwrap_or(0)))
+        .collect())
+}
+
+/// When a worker fetched each job's current task (PostgreSQL's `lock_at`, Unix ms), for
+/// pickup measurements: (job, fetched at). SQLite keeps whole seconds only: empty there.
+pub async fn fetched_at(db: &Db) -> Result<Vec<(JobId, f64)>> {
+    let Db::Postgres(pool) = db else {
+        return Ok(Vec::new());
+    };
+    let rows: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT j.id, (EXTRACT(EPOCH FROM t.lock_at) * 1000)::float8 FROM kit_jobs j \
+         JOIN apalis.jobs t ON t.id = j.task_id WHERE t.lock_at IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(id, at)| Ok((id.parse()?, at)))
+        .collect()
 }

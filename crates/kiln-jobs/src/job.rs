@@ -230,7 +230,10 @@ impl TryFrom<JobRow> for KitJob {
             upload_key: r.upload_key,
             spec: r.spec,
             worker: r.worker.map(WorkerName::new),
-            task_id: r.task_id.parse().map_err(|_| corrupt("task_id", &r.task_id))?,
+            task_id: r
+                .task_id
+                .parse()
+                .map_err(|_| corrupt("task_id", &r.task_id))?,
             manifest_key: r.manifest_key,
         })
     }
@@ -248,7 +251,11 @@ pub async fn job(tx: &mut Tx, id: &JobId) -> Result<Option<KitJob>> {
     row.map(KitJob::try_from).transpose()
 }
 
-pub(crate) async fn job_by_key(tx: &mut Tx, account: AccountId, key: &str) -> Result<Option<KitJob>> {
+pub(crate) async fn job_by_key(
+    tx: &mut Tx,
+    account: AccountId,
+    key: &str,
+) -> Result<Option<KitJob>> {
     let sql = format!("{SELECT_JOB} WHERE j.account_id = $1 AND j.idempotency_key = $2");
     let row: Option<JobRow> = on_tx!(tx, c => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
         .bind(account.to_string())

@@ -40,7 +40,11 @@ impl Wakes {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(crate) async fn send(&self, c: &mut sqlx::PgConnection, wake: (&'static str, String)) -> Result<()> {
+    pub(crate) async fn send(
+        &self,
+        c: &mut sqlx::PgConnection,
+        wake: (&'static str, String),
+    ) -> Result<()> {
         {
             let mut s = self.lock();
             s.queued.push(wake);

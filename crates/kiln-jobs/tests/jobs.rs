@@ -156,7 +156,13 @@ async fn enqueue_reserves_and_pushes_one_task_atomically(backend: Backend) {
     )
     .await
     .expect_err("conflict");
-    assert!(matches!(e, JobsError::Ledger(LedgerError::IdempotencyConflict { .. })), "{e}");
+    assert!(
+        matches!(
+            e,
+            JobsError::Ledger(LedgerError::IdempotencyConflict { .. })
+        ),
+        "{e}"
+    );
     drop(tx);
 
     // Not enough credits for a second Caratzon: refused, and no job, task or hold is left.
@@ -170,7 +176,13 @@ async fn enqueue_reserves_and_pushes_one_task_atomically(backend: Backend) {
     )
     .await
     .expect_err("insufficient");
-    assert!(matches!(e, JobsError::Ledger(LedgerError::InsufficientCredits { .. })), "{e}");
+    assert!(
+        matches!(
+            e,
+            JobsError::Ledger(LedgerError::InsufficientCredits { .. })
+        ),
+        "{e}"
+    );
     drop(tx);
     assert_eq!(available(&h, acct).await, left);
     assert_eq!(tasks(h.ledger.db(), "kits.caratzon").await.len(), 1);
@@ -227,7 +239,13 @@ async fn submit_writes_what_enqueue_writes_and_locks_when_due(backend: Backend) 
     assert!(again.replayed);
     assert_eq!(again.job, first.job);
     let e = submit("s1", "uploads/b.jpg").await.expect_err("conflict");
-    assert!(matches!(e, JobsError::Ledger(LedgerError::IdempotencyConflict { .. })), "{e}");
+    assert!(
+        matches!(
+            e,
+            JobsError::Ledger(LedgerError::IdempotencyConflict { .. })
+        ),
+        "{e}"
+    );
     assert_eq!(available(&h, acct).await, before - 100);
 
     // Three months on, the renewal is due: the optimistic path stands aside for the locking one,
@@ -298,9 +316,16 @@ async fn submit_wakes_listeners_once_per_due_task() {
     // The first job fails transiently and is handed back for an hour from now.
     let mut tx = ledger.db().begin().await.expect("begin");
     let ctx = ledger.ctx();
-    let fence = match jobs::claim(&mut tx, &ctx, &j1.id, &j1.task_id, &WorkerName::new("w"), 60_000)
-        .await
-        .expect("claim")
+    let fence = match jobs::claim(
+        &mut tx,
+        &ctx,
+        &j1.id,
+        &j1.task_id,
+        &WorkerName::new("w"),
+        60_000,
+    )
+    .await
+    .expect("claim")
     {
         Claim::Run { fence, .. } => fence,
         other => panic!("expected to run, got {other:?}"),
@@ -397,9 +422,11 @@ async fn only_the_current_fence_finishes_a_job(backend: Backend) {
         Claim::Busy
     );
     h.clock.advance_millis(LEASE / 2);
-    let renewed = in_tx!(h, |tx, ctx| jobs::renew_lease(&mut tx, ctx.now, &job.id, stale)
-        .await
-        .expect("touch"));
+    let renewed = in_tx!(h, |tx, ctx| jobs::renew_lease(
+        &mut tx, ctx.now, &job.id, stale
+    )
+    .await
+    .expect("touch"));
     assert!(renewed);
     h.clock.advance_millis(LEASE / 2 + 1);
     assert_eq!(
@@ -409,9 +436,11 @@ async fn only_the_current_fence_finishes_a_job(backend: Backend) {
     );
     let current = fence_of(&claim_after_lease(&h, &job.id, &job.task_id, "worker-b").await);
     assert!(current > stale);
-    let renewed = in_tx!(h, |tx, ctx| jobs::renew_lease(&mut tx, ctx.now, &job.id, stale)
-        .await
-        .expect("touch"));
+    let renewed = in_tx!(h, |tx, ctx| jobs::renew_lease(
+        &mut tx, ctx.now, &job.id, stale
+    )
+    .await
+    .expect("touch"));
     assert!(!renewed, "a superseded attempt cannot renew the lease");
     let p = Progress {
         step: Some("copy".into()),

@@ -148,17 +148,18 @@ impl Db {
     pub async fn schema(&self) -> Result<Schema, LedgerError> {
         let applied: Vec<i64> = match self {
             Db::Postgres(pool) => {
-                let exists: bool = sqlx::query_scalar(
-                    "SELECT to_regclass('kiln_migrations') IS NOT NULL",
-                )
-                .fetch_one(pool)
-                .await?;
+                let exists: bool =
+                    sqlx::query_scalar("SELECT to_regclass('kiln_migrations') IS NOT NULL")
+                        .fetch_one(pool)
+                        .await?;
                 if !exists {
                     return Ok(Schema::Unmigrated);
                 }
-                sqlx::query_scalar("SELECT version FROM kiln_migrations WHERE success ORDER BY version")
-                    .fetch_all(pool)
-                    .await?
+                sqlx::query_scalar(
+                    "SELECT version FROM kiln_migrations WHERE success ORDER BY version",
+                )
+                .fetch_all(pool)
+                .await?
             }
             Db::Sqlite(pool) => {
                 let exists: i64 = sqlx::query_scalar(
@@ -169,9 +170,11 @@ impl Db {
                 if exists == 0 {
                     return Ok(Schema::Unmigrated);
                 }
-                sqlx::query_scalar("SELECT version FROM kiln_migrations WHERE success ORDER BY version")
-                    .fetch_all(pool)
-                    .await?
+                sqlx::query_scalar(
+                    "SELECT version FROM kiln_migrations WHERE success ORDER BY version",
+                )
+                .fetch_all(pool)
+                .await?
             }
         };
         let known: Vec<i64> = migrator(self.backend())

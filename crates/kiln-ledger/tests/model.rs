@@ -4,7 +4,9 @@
 //! must hold; every few hundred steps the whole database is audited and every journal is
 //! checked to have only grown.
 //!
-//! Replay a failure with `KILN_MODEL_SEED=<seed>`; `KILN_MODEL_STEPS` sets the length.
+//! The sequences come from proptest, which shrinks a failing one to the few steps that matter.
+//! Replay a failure with `KILN_MODEL_SEED=<seed>`; `KILN_MODEL_STEPS` sets the total length and
+//! `KILN_MODEL_CASE_STEPS` the longest sequence.
 
 mod common;
 
@@ -18,6 +20,9 @@ use kiln_ledger::{
     AccountId, Action, Backend, CreditKind, Credits, JournalEntry, LedgerError, NewAccount,
     Operation, PlanId, Pricing, ReservationId, ReservationState, Timestamp,
 };
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestError, TestRunner};
 
 backends!(random_operations_match_the_model);
 
@@ -346,6 +351,75 @@ enum Step {
     },
 }
 
+/// One generated call before it meets the model's state: `Index`es pick among the accounts
+/// and reservations that exist when it runs, so a shrunk sequence still means something.
+#[derive(Clone, Debug)]
+enum Gen {
+    /// Issue the previous call again, verbatim (a duplicated delivery).
+    Repeat,
+    Create {
+        plan: Index,
+        admin: bool,
+        allowance: Option<u64>,
+    },
+    TopUp {
+        a: Index,
+        pack: Index,
+        payref: u32,
+    },
+    Hold {
+        a: Index,
+        action: Index,
+        key: u32,
+        charge: bool,
+    },
+    Resolve {
+        r: Option<Index>,
+        commit: bool,
+    },
+    Renew {
+        a: Index,
+    },
+    RenewDue,
+    Balance {
+        a: Index,
+    },
+    Advance {
+        ms: i64,
+    },
+}
+
+/// The mix of calls: the weights of the hand-written generator this replaced.
+fn gen_step() -> impl Strategy<Value = Gen> {
+    let allowance = prop_oneof![
+        9 => (1u64..3_000).prop_map(Some),
+        1 => (0u64..300).prop_map(|d| Some(Credits::MAX.get() - d)),
+    ];
+    prop_oneof![
+        5 => Just(Gen::Repeat),
+        2 => (any::<Index>(), any::<bool>(), allowance)
+            .prop_map(|(plan, admin, allowance)| Gen::Create { plan, admin, allowance }),
+        10 => (any::<Index>(), any::<Index>(), 0u32..40)
+            .prop_map(|(a, pack, payref)| Gen::TopUp { a, pack, payref }),
+        35 => (any::<Index>(), any::<Index>(), any::<u32>(), any::<bool>())
+            .prop_map(|(a, action, key, charge)| Gen::Hold { a, action, key, charge }),
+        25 => (proptest::option::weighted(0.95, any::<Index>()), any::<bool>())
+            .prop_map(|(r, commit)| Gen::Resolve { r, commit }),
+        5 => any::<Index>().prop_map(|a| Gen::Renew { a }),
+        3 => Just(Gen::RenewDue),
+        10 => any::<Index>().prop_map(|a| Gen::Balance { a }),
+        12 => prop_oneof![
+            1 => 20 * DAY..40 * DAY,
+            5 => DAY..10 * DAY,
+            14 => 1..6 * HOUR,
+        ]
+        .prop_map(|ms| Gen::Advance { ms }),
+    ]
+}
+
+/// proptest generates the sequences and, on a failure, shrinks the failing one to the few
+/// steps that matter. `KILN_MODEL_STEPS` steps in all (default 10,000), in sequences of
+/// `KILN_MODEL_CASE_STEPS` (default 200), each on a fresh database.
 async fn random_operations_match_the_model(backend: Backend) {
     let seed: u64 = std::env::var("KILN_MODEL_SEED")
         .ok()
@@ -355,77 +429,129 @@ async fn random_operations_match_the_model(backend: Backend) {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
+    let case_steps: usize = std::env::var("KILN_MODEL_CASE_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200)
+        .clamp(1, steps.max(1));
+    // Sequence lengths are uniform in 1..=case_steps: this many make `steps` on average.
+    let cases = u32::try_from((2 * steps).div_ceil(case_steps + 1)).unwrap_or(u32::MAX);
     println!(
-        "model test on {backend:?}: seed {seed}, {steps} steps (replay with KILN_MODEL_SEED={seed})"
+        "model test on {backend:?}: seed {seed}, {cases} sequences of 1-{case_steps} steps (replay with KILN_MODEL_SEED={seed})"
     );
-    let mut rng = fastrand::Rng::with_seed(seed);
+    let ran = std::sync::atomic::AtomicUsize::new(0);
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        rng_seed: RngSeed::Fixed(seed),
+        failure_persistence: None,
+        // Each try is a fresh database: a few minutes of shrinking at most.
+        max_shrink_iters: 1_000,
+        ..ProptestConfig::default()
+    });
+    let handle = tokio::runtime::Handle::current();
+    let started = std::time::Instant::now();
+    let result = runner.run(
+        &proptest::collection::vec(gen_step(), 1..=case_steps),
+        |case| {
+            tokio::task::block_in_place(|| handle.block_on(run_case(backend, seed, &case, false)));
+            // Passing sequences only (not the tries of a shrink).
+            ran.fetch_add(case.len(), std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        },
+    );
+    println!(
+        "{backend:?}: {} steps in {cases} sequences, {:.1?}",
+        ran.into_inner(),
+        started.elapsed()
+    );
+    match result {
+        Ok(()) => {}
+        Err(TestError::Fail(reason, case)) => {
+            // Once more, printing each call as it is made: the shrunk failure, readable.
+            println!(
+                "the shrunk sequence ({} generated steps), replayed:",
+                case.len()
+            );
+            let replay =
+                tokio::task::spawn(async move { run_case(backend, seed, &case, true).await });
+            let _ = replay.await;
+            panic!("model test failed (seed {seed}): {reason}");
+        }
+        Err(e) => panic!("model test failed (seed {seed}): {e}"),
+    }
+}
+
+/// Runs one generated sequence on a fresh database and its model; `trace` prints each call.
+async fn run_case(backend: Backend, seed: u64, case: &[Gen], trace: bool) {
     let pricing = Pricing::default();
     let h = Harness::with(backend, pricing.clone(), 4).await;
     let mut m = Model::default();
     let mut last: Option<Step> = None;
     let mut journals: HashMap<AccountId, Vec<JournalEntry>> = HashMap::new();
     let packs = ["small", "medium", "large", "nope"];
+    let steps = case.len();
 
-    let started = std::time::Instant::now();
-    for i in 0..steps {
-        if i % 1_000 == 0 {
-            println!("{backend:?}: step {i}, {:.1?} elapsed", started.elapsed());
-        }
+    for (i, g) in case.iter().enumerate() {
         let now = h.clock_now();
         let n = m.accounts.len();
-        let step = if rng.u8(..100) < 5 && last.is_some() {
-            last.clone().unwrap_or(Step::RenewDue)
-        } else if n == 0 || (n < 5 && rng.u8(..100) < 2) {
-            let plan = PlanId::ALL[rng.usize(..4)];
-            let allowance = (plan == PlanId::Enterprise).then(|| {
-                if rng.u8(..10) == 0 {
-                    Credits::MAX.get() - rng.u64(0..300)
-                } else {
-                    rng.u64(1..3_000)
-                }
-            });
-            Step::Create {
+        let step = match g {
+            Gen::Repeat => match &last {
+                Some(s) => s.clone(),
+                None => continue,
+            },
+            Gen::Create {
                 plan,
-                admin: rng.u8(..10) == 0,
+                admin,
                 allowance,
+            } => {
+                if n >= 5 {
+                    continue;
+                }
+                let plan = *plan.get(PlanId::ALL);
+                Step::Create {
+                    plan,
+                    admin: *admin,
+                    allowance: allowance.filter(|_| plan == PlanId::Enterprise),
+                }
             }
-        } else {
-            let a = rng.usize(..n);
-            match rng.u8(..100) {
-                0..=9 => Step::TopUp {
-                    a,
-                    pack: packs[rng.usize(..packs.len())].to_owned(),
-                    payref: format!("pay-{}", rng.u32(..40)),
+            _ if n == 0 => continue,
+            Gen::TopUp { a, pack, payref } => Step::TopUp {
+                a: a.index(n),
+                pack: (*pack.get(&packs)).to_owned(),
+                payref: format!("pay-{payref}"),
+            },
+            Gen::Hold {
+                a,
+                action,
+                key,
+                charge,
+            } => Step::Hold {
+                a: a.index(n),
+                action: *action.get(Action::ALL),
+                // A small key space: keys come back (replays, conflicts) as often as new ones
+                // appear, whatever the position (so a shrink that drops a step keeps the rest).
+                key: format!("k{}", key % 48),
+                op: if *charge {
+                    Operation::Charge
+                } else {
+                    Operation::Reserve
                 },
-                10..=44 => Step::Hold {
-                    a,
-                    action: Action::ALL[rng.usize(..Action::ALL.len())],
-                    key: format!("k{}", rng.u32(..(i as u32 / 4 + 8))),
-                    op: if rng.bool() {
-                        Operation::Reserve
-                    } else {
-                        Operation::Charge
-                    },
-                },
-                45..=69 => Step::Resolve {
-                    r: (!m.reservations.is_empty() && rng.u8(..20) > 0)
-                        .then(|| rng.usize(..m.reservations.len())),
-                    commit: rng.bool(),
-                },
-                70..=74 => Step::Renew { a },
-                75..=77 => Step::RenewDue,
-                78..=87 => Step::Balance { a },
-                _ => Step::Advance {
-                    ms: match rng.u8(..20) {
-                        0 => rng.i64(20 * DAY..40 * DAY),
-                        1..=5 => rng.i64(DAY..10 * DAY),
-                        _ => rng.i64(1..6 * HOUR),
-                    },
-                },
-            }
+            },
+            Gen::Resolve { r, commit } => Step::Resolve {
+                r: r.filter(|_| !m.reservations.is_empty())
+                    .map(|r| r.index(m.reservations.len())),
+                commit: *commit,
+            },
+            Gen::Renew { a } => Step::Renew { a: a.index(n) },
+            Gen::RenewDue => Step::RenewDue,
+            Gen::Balance { a } => Step::Balance { a: a.index(n) },
+            Gen::Advance { ms } => Step::Advance { ms: *ms },
         };
         last = Some(step.clone());
         let ctx = format!("seed {seed}, step {i}: {step:?}");
+        if trace {
+            println!("  step {i}: {step:?}");
+        }
         let before = m.clone();
         let (expected, actual, touched): (Outcome, Outcome, Option<usize>) = match &step {
             Step::Create {

@@ -70,6 +70,8 @@ async fn env(backend: Backend) -> Env {
 async fn fetch_signed(storage: &Storage, url: &str) -> Result<Bytes, String> {
     match storage {
         Storage::S3(_) => {
+            // reqwest is built without a crypto provider of its own (rustls on ring).
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let resp = reqwest::get(url).await.map_err(|e| e.to_string())?;
             if !resp.status().is_success() {
                 return Err(format!("HTTP {}", resp.status()));

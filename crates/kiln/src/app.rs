@@ -46,7 +46,9 @@ pub async fn open_ledger(settings: &Settings, migrate: Migrate) -> anyhow::Resul
         Migrate::No => match kiln_jobs::schema(&db).await? {
             Schema::Current => {}
             Schema::Unmigrated | Schema::Behind { .. } => {
-                bail!("the database at {shown} is not migrated to this kiln's schema: run `kiln migrate`")
+                bail!(
+                    "the database at {shown} is not migrated to this kiln's schema: run `kiln migrate`"
+                )
             }
             Schema::Newer { applied, known } => bail!(
                 "the database at {shown} was migrated by a newer kiln (migration {applied}; this one knows up to {known}): upgrade kiln, then run `kiln migrate`"

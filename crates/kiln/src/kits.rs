@@ -1,7 +1,6 @@
 //! Kit commands: `work` (workers + periodic maintenance), `kits create|status`, `status`, and
 //! the end-to-end `demo` on the embedded default.
 
-use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -121,28 +120,43 @@ pub async fn wait(ledger: &Ledger, id: &JobId, label: &str) -> anyhow::Result<Ki
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
+    // indicatif draws only on a terminal; elsewhere (logs, CI) one plain line per step.
+    let pb = indicatif::ProgressBar::new(0).with_prefix(label.to_owned());
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:<11} [{bar:24}] {pos:>2}/{len:<2} {msg} {elapsed_precise}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("#>-"),
+    );
     let mut last_step = None;
     loop {
         let j = job(ledger, id).await?;
         let step = (j.status, j.progress.done);
+        let what = j.progress.step.as_deref().unwrap_or(j.status.as_str());
         if tty {
-            eprint!("\r{:<100}", bar(label, &j, started.elapsed()));
-            let _ = std::io::stderr().flush();
+            pb.set_length(u64::from(j.progress.total.max(1)));
+            let done = if j.status == JobStatus::Succeeded {
+                j.progress.total.max(1)
+            } else {
+                j.progress.done
+            };
+            pb.set_position(u64::from(done));
+            pb.set_message(format!("{:<9} {what:<12}", j.status.as_str()));
         } else if last_step != Some(step) {
-            eprintln!("{}", bar(label, &j, started.elapsed()));
+            eprintln!("{}", line(label, &j, started.elapsed()));
         }
         last_step = Some(step);
         if j.status.is_terminal() {
-            if tty {
-                eprintln!();
-            }
+            pb.finish();
             return Ok(j);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-fn bar(label: &str, j: &KitJob, elapsed: Duration) -> String {
+/// One progress line for a log: `essentials  [########----] 6/13 running  line sheet  1.2s`.
+fn line(label: &str, j: &KitJob, elapsed: Duration) -> String {
     const WIDTH: u32 = 24;
     let (done, total) = (j.progress.done, j.progress.total.max(1));
     let filled = if j.status == JobStatus::Succeeded {
@@ -197,7 +211,17 @@ pub async fn status(ledger: &Ledger) -> anyhow::Result<serde_json::Value> {
     let mut tx = ledger.db().begin_read().await?;
     let queues = kiln_jobs::queue_stats(&mut tx, ledger.ctx().now).await?;
     let workers = kiln_jobs::live_workers(&mut tx, 60).await?;
-    Ok(serde_json::json!({ "queues": queues, "workers": workers }))
+    let running: serde_json::Map<String, serde_json::Value> =
+        kiln_jobs::apalis::running_tasks(&mut tx)
+            .await?
+            .into_iter()
+            .map(|(q, n)| (q, n.into()))
+            .collect();
+    Ok(serde_json::json!({
+        "queues": queues,
+        "workers": workers,
+        "engine_running_tasks": running,
+    }))
 }
 
 /// `kiln demo`: a new account on the embedded default, the chosen kits made by an in-process
@@ -289,7 +313,9 @@ pub async fn demo(
                 (Some(w), Some(h)) => format!("{w}x{h}"),
                 _ => String::new(),
             };
-            let place = root.as_ref().map_or_else(|| key.to_owned(), |r| r.join(key).display().to_string());
+            let place = root
+                .as_ref()
+                .map_or_else(|| key.to_owned(), |r| r.join(key).display().to_string());
             println!(
                 "  {:<16} {:>9}  {:>8} B  {place}",
                 a["role"].as_str().unwrap_or_default(),
@@ -297,7 +323,9 @@ pub async fn demo(
                 a["bytes"].as_u64().unwrap_or(0)
             );
         }
-        let place = root.as_ref().map_or_else(|| m.clone(), |r| r.join(m).display().to_string());
+        let place = root
+            .as_ref()
+            .map_or_else(|| m.clone(), |r| r.join(m).display().to_string());
         println!("  {:<16} {:>9}  {:>8}    {place}", "manifest", "", "");
     }
     let after = ledger.balance(account).await?;

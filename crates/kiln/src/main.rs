@@ -6,9 +6,9 @@ mod kits;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use kiln_core::{AccountId, Action, Credits, Kit, PlanId};
 use kiln::app::{self, App, Migrate, WorkOptions};
 use kiln::settings::Settings;
+use kiln_core::{AccountId, Action, Credits, Kit, PlanId};
 use kiln_jobs::JobId;
 use kiln_ledger::{Balance, JournalPage, NewAccount};
 use serde::Serialize;

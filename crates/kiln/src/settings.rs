@@ -221,8 +221,7 @@ impl Settings {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
-                toml::from_str(&text)
-                    .with_context(|| format!("config file {}", path.display()))?
+                toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?
             }
             None => File::default(),
         };
@@ -328,7 +327,9 @@ impl Settings {
             bail!("storage / KILN_STORAGE: s3:// needs a bucket name");
         }
         if self.s3.access_key_id.is_some() != self.s3.secret_access_key.is_some() {
-            bail!("set both s3.access_key_id and s3.secret_access_key (KILN_S3_ACCESS_KEY_ID, KILN_S3_SECRET_ACCESS_KEY), or neither");
+            bail!(
+                "set both s3.access_key_id and s3.secret_access_key (KILN_S3_ACCESS_KEY_ID, KILN_S3_SECRET_ACCESS_KEY), or neither"
+            );
         }
         if let Some(s) = &self.signing_secret
             && s.expose().len() < 16
@@ -344,13 +345,19 @@ impl Settings {
         let g = &self.generator;
         if g.kind == GeneratorKind::Ai {
             let Some(url) = &g.provider_url else {
-                bail!("generator ai needs generator.provider_url (KILN_PROVIDER_URL) and generator.provider_key (KILN_PROVIDER_KEY)");
+                bail!(
+                    "generator ai needs generator.provider_url (KILN_PROVIDER_URL) and generator.provider_key (KILN_PROVIDER_KEY)"
+                );
             };
             if !url.starts_with("http://") && !url.starts_with("https://") {
-                bail!("generator.provider_url / KILN_PROVIDER_URL must be an http(s) URL, not {url:?}");
+                bail!(
+                    "generator.provider_url / KILN_PROVIDER_URL must be an http(s) URL, not {url:?}"
+                );
             }
             if g.provider_key.is_none() {
-                bail!("generator.provider_url is set but generator.provider_key (KILN_PROVIDER_KEY) is not");
+                bail!(
+                    "generator.provider_url is set but generator.provider_key (KILN_PROVIDER_KEY) is not"
+                );
             }
         }
         if g.timeout_secs == 0 {
@@ -364,7 +371,9 @@ impl Settings {
             bail!("jobs.lease_ms / KILN_LEASE_MS must be at least 100");
         }
         if j.heartbeat_ms == 0 || j.maintenance_ms == 0 || j.missed_heartbeats == 0 {
-            bail!("jobs.heartbeat_ms, jobs.missed_heartbeats and jobs.maintenance_ms (KILN_HEARTBEAT_MS, KILN_MISSED_HEARTBEATS, KILN_MAINTENANCE_MS) must be positive");
+            bail!(
+                "jobs.heartbeat_ms, jobs.missed_heartbeats and jobs.maintenance_ms (KILN_HEARTBEAT_MS, KILN_MISSED_HEARTBEATS, KILN_MAINTENANCE_MS) must be positive"
+            );
         }
         Ok(())
     }
@@ -388,7 +397,9 @@ impl Settings {
             None
         } else {
             Some(PathBuf::from(
-                self.storage.strip_prefix("file://").unwrap_or(&self.storage),
+                self.storage
+                    .strip_prefix("file://")
+                    .unwrap_or(&self.storage),
             ))
         }
     }
@@ -436,7 +447,10 @@ mod tests {
         let s = Settings::load_from(
             None,
             &[
-                ("KILN_DATABASE_URL", "postgres://kiln:hunter2hunter2@db/kiln"),
+                (
+                    "KILN_DATABASE_URL",
+                    "postgres://kiln:hunter2hunter2@db/kiln",
+                ),
                 ("KILN_SIGNING_SECRET", "sixteen-chars-long-secret"),
                 ("KILN_S3_ACCESS_KEY_ID", "AKIA"),
                 ("KILN_S3_SECRET_ACCESS_KEY", "s3-secret-value"),

@@ -229,13 +229,8 @@ async fn main() -> Result<(), Error> {
                 tasks.push(tokio::spawn(async move {
                     let mut done = 0u64;
                     while Instant::now() < deadline {
-                        enqueue(
-                            &queue,
-                            a,
-                            &format!("bench-{c}-{done}"),
-                            "uploads/bench.jpg",
-                        )
-                        .await?;
+                        enqueue(&queue, a, &format!("bench-{c}-{done}"), "uploads/bench.jpg")
+                            .await?;
                         done += 1;
                     }
                     Ok::<u64, Error>(done)
@@ -345,15 +340,16 @@ async fn main() -> Result<(), Error> {
             }
             let _ = stop.send(());
             worker.await??;
-            if let Db::Postgres(pool) = ledger.db() {
+            {
                 // Where the pickup goes: enqueue -> apalis's fetch (lock_at) -> kiln's claim.
-                let rows: Vec<(f64, f64)> = sqlx::query_as(
-                    "SELECT (EXTRACT(EPOCH FROM t.lock_at) * 1000 - j.created_at_ms)::float8, \
-                     (j.started_at_ms - EXTRACT(EPOCH FROM t.lock_at) * 1000)::float8 \
-                     FROM kit_jobs j JOIN apalis.jobs t ON t.id = j.task_id WHERE t.lock_at IS NOT NULL",
-                )
-                .fetch_all(pool)
-                .await?;
+                let mut rows = Vec::new();
+                for (id, fetched) in kiln_jobs::apalis::fetched_at(ledger.db()).await? {
+                    let mut tx = ledger.db().begin_read().await?;
+                    if let Some(j) = jobs::job(&mut tx, &id).await? {
+                        let started = j.started_at.map_or(fetched, |t| t.millis() as f64);
+                        rows.push((fetched - j.created_at.millis() as f64, started - fetched));
+                    }
+                }
                 let (mut fetch, mut claim): (Vec<f64>, Vec<f64>) = rows.into_iter().unzip();
                 if !fetch.is_empty() {
                     eprintln!(

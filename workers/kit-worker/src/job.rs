@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_assets::{Generator, KitError, Manifest, Step};
 use kiln_core::{ProductSpec, Timestamp};
-use kiln_jobs::{self as jobs, Claim, Fence, JobId, JobsError, KitJob, Progress, TaskId, WorkerName};
+use kiln_jobs::{
+    self as jobs, Claim, Fence, JobId, JobsError, KitJob, Progress, TaskId, WorkerName,
+};
 use kiln_ledger::Ledger;
 use kiln_storage::{ObjectKey, Storage, StorageError};
 
@@ -325,15 +327,20 @@ async fn work(
     let mut manifest_key = String::new();
     let mut publish = building.elapsed();
     for (path, bytes, content_type) in files {
-        let key = ObjectKey::kit(&job.id.as_str().to_lowercase(), path)
-            .map_err(StorageError::from)?;
+        let key =
+            ObjectKey::kit(&job.id.as_str().to_lowercase(), path).map_err(StorageError::from)?;
         // Before the first asset and before the manifest: is the job still ours? (Between
         // checks a superseded attempt can only rewrite identical bytes, generation being
         // deterministic, and the lease loop flags it as soon as a renewal is refused.)
         let check =
             manifest_key.is_empty() || path == "manifest.json" || superseded.load(Ordering::SeqCst);
         if check {
-            let mut tx = deps.ledger.db().begin_read().await.map_err(JobsError::from)?;
+            let mut tx = deps
+                .ledger
+                .db()
+                .begin_read()
+                .await
+                .map_err(JobsError::from)?;
             let still_ours = jobs::owns(&mut tx, &job.id, fence).await?;
             drop(tx);
             if !still_ours {

@@ -45,6 +45,9 @@ impl Harness {
 }
 
 /// The apalis tasks of `queue`: (id, payload).
-pub async fn tasks(db: &kiln_ledger::Db, queue: &str) -> Vec<(kiln_jobs::TaskId, kiln_jobs::KitTask)> {
+pub async fn tasks(
+    db: &kiln_ledger::Db,
+    queue: &str,
+) -> Vec<(kiln_jobs::TaskId, kiln_jobs::KitTask)> {
     kiln_jobs::apalis::tasks(db, queue).await.expect("tasks")
 }

@@ -105,7 +105,11 @@ pub(crate) const EXPIRE_RETURNED: &str = "UPDATE grants SET expired = expired + 
 pub(crate) const EXPIRE_REMAINING: &str = "UPDATE grants SET expired = expired + remaining, remaining = 0 WHERE id = $1 AND remaining = $2";
 
 /// Brings the account up to `now` and returns its spendable grants.
-pub(crate) async fn bring_up_to_date(tx: &mut Tx, ctx: &Ctx<'_>, acct: &mut Locked) -> Result<Vec<OpenGrant>> {
+pub(crate) async fn bring_up_to_date(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    acct: &mut Locked,
+) -> Result<Vec<OpenGrant>> {
     let open = open_grants(tx, acct.account.id).await?;
     bring_up_to_date_with(tx, ctx, acct, open).await
 }

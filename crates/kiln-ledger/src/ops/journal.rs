@@ -50,7 +50,12 @@ impl NewEntry {
         }
     }
 
-    pub(crate) fn for_grant(entry: EntryType, amount: Credits, grant: GrantId, kind: CreditKind) -> NewEntry {
+    pub(crate) fn for_grant(
+        entry: EntryType,
+        amount: Credits,
+        grant: GrantId,
+        kind: CreditKind,
+    ) -> NewEntry {
         NewEntry {
             kind: Some(kind),
             grant_id: Some(grant),
@@ -124,7 +129,12 @@ impl Locked {
         Ok(())
     }
 
-    pub(crate) fn expired(&mut self, grant: GrantId, kind: Option<CreditKind>, amount: Credits) -> Result<()> {
+    pub(crate) fn expired(
+        &mut self,
+        grant: GrantId,
+        kind: Option<CreditKind>,
+        amount: Credits,
+    ) -> Result<()> {
         self.totals.expired = self.totals.expired.checked_add(amount)?;
         self.record(NewEntry {
             kind,

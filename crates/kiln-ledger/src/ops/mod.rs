@@ -28,8 +28,8 @@ pub use accounts::{account, account_by_api_key, balance, create_account, quote, 
 pub use grants::{due_accounts, grants, renew, topup};
 pub use journal::{Totals, journal};
 pub use reserve::{charge, reservation, reserve, reserve_locked};
-pub use resolve::{commit, release};
 pub(crate) use resolve::commit_pg;
+pub use resolve::{commit, release};
 
 /// What the ledger's submodules share: its rows, the locked account and each other's helpers.
 mod prelude {

@@ -3,7 +3,8 @@
 
 use super::prelude::*;
 
-pub(crate) const DRAW: &str = "UPDATE grants SET remaining = remaining - $2 WHERE id = $1 AND remaining >= $2";
+pub(crate) const DRAW: &str =
+    "UPDATE grants SET remaining = remaining - $2 WHERE id = $1 AND remaining >= $2";
 
 pub(crate) const INSERT_RESERVATION: &str = "INSERT INTO reservations (account_id, idempotency_key, operation, action, amount, \
     list_price, exempt, state, created_at_ms, resolved_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id";
@@ -127,7 +128,12 @@ pub(crate) fn plan_hold(
 
 /// The same idempotency key again: the original reservation if the request matches, else a
 /// conflict.
-pub(crate) fn replay(r: Reservation, key: &str, action: Action, op: Operation) -> Result<Reservation> {
+pub(crate) fn replay(
+    r: Reservation,
+    key: &str,
+    action: Action,
+    op: Operation,
+) -> Result<Reservation> {
     if r.operation == op && r.action == action {
         Ok(r)
     } else {
