@@ -24,22 +24,7 @@ pub fn kiln_bin() -> PathBuf {
     bin
 }
 
-/// Shows the test's logs on stderr when `TEST_LOG` is set (`TEST_LOG=1`, or a filter such as
-/// `TEST_LOG=kit_worker=debug`); quiet otherwise. Safe to call from every test.
-pub fn init_test_log() {
-    let Ok(filter) = std::env::var("TEST_LOG") else {
-        return;
-    };
-    let filter = if filter == "1" {
-        "info".to_owned()
-    } else {
-        filter
-    };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_test_writer()
-        .try_init();
-}
+pub use kiln_ledger::testing::init_test_log;
 
 /// The PostgreSQL server the tests use (`make test` starts it).
 pub fn pg_admin_url() -> String {

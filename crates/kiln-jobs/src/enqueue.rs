@@ -37,7 +37,7 @@ pub(crate) fn reservation_key(key: &str) -> String {
 
 /// Checks an idempotency key the way `enqueue` will use it, so callers can refuse a bad one
 /// before doing any work for it.
-pub fn check_key(key: &str) -> Result<()> {
+pub fn check_order_key(key: &str) -> Result<()> {
     let what = "idempotency key (with its kit: prefix)";
     if key.is_empty() {
         return Err(LedgerError::BadKey { what }.into());
@@ -49,7 +49,7 @@ pub fn check_key(key: &str) -> Result<()> {
 /// its account and reservation from it (`$22`..`$28`) and its task (`$29`..`$32`). No row back
 /// when the hold did not apply. No wake-up: a NOTIFY makes PostgreSQL serialize the commits of
 /// notifying transactions (one global lock held through the WAL flush), which cost a tenth of
-/// enqueue throughput; [`submit`] wakes workers after the commit instead ([`Wakes`]), and an
+/// enqueue throughput; [`submit`] wakes workers after the commit instead (`wake::Wakes`), and an
 /// [`enqueue`] in a caller's transaction that takes this path wakes them in that transaction.
 const ENQUEUE_PG: &str = kiln_ledger::hold_pg!(
     [
@@ -67,7 +67,7 @@ const ENQUEUE_PG: &str = kiln_ledger::hold_pg!(
 /// A replayed idempotency key returns the existing job; the same key for a different request
 /// is a conflict.
 pub async fn enqueue(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewJob<'_>) -> Result<Enqueued> {
-    check_key(new.idempotency_key)?;
+    check_order_key(new.idempotency_key)?;
     if let Tx::Postgres(c) = tx {
         match enqueue_optimistic(c, ctx, new).await? {
             Optimistic::Done(e) => {
@@ -122,11 +122,11 @@ pub async fn enqueue(tx: &mut Tx, ctx: &Ctx<'_>, new: &NewJob<'_>) -> Result<Enq
 
 /// [`enqueue`] in a transaction of its own. On PostgreSQL it is first tried as one statement
 /// in autocommit (atomic by itself: the guarded hold, the job and its task), which saves the
-/// round trips of BEGIN and COMMIT, and workers are woken after that commit ([`Wakes`]); when
+/// round trips of BEGIN and COMMIT, and workers are woken after that commit (`wake::Wakes`); when
 /// the account needs locking (a renewal or expiry due, or two lost races) it runs in a
 /// transaction.
 pub async fn submit(queue: &Queue, new: &NewJob<'_>) -> Result<Enqueued> {
-    check_key(new.idempotency_key)?;
+    check_order_key(new.idempotency_key)?;
     let (db, ctx) = (queue.ledger().db(), queue.ledger().ctx());
     if let Db::Postgres(pool) = db {
         let mut c = pool.acquire().await.map_err(LedgerError::from)?;

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use kiln_ledger::{Db, Ledger, LedgerError, Schema};
 
 pub use apalis::{KitTask, LiveWorker, TASK_DELIVERIES, live_workers, prune_tasks};
-pub use enqueue::{Enqueued, NewJob, check_key, enqueue, submit};
+pub use enqueue::{Enqueued, NewJob, check_order_key, enqueue, submit};
 pub use ids::{Fence, JobId, TaskId, WorkerName};
 pub use job::{Charge, JobError, JobStatus, JobView, KitJob, Progress, job, jobs};
 pub use lifecycle::{

@@ -4,6 +4,20 @@
 
 use crate::{Backend, Db, DbOptions};
 
+/// Shows logs on stderr when `TEST_LOG` is set (`TEST_LOG=1` for info, or a filter such as
+/// `TEST_LOG=kit_worker=debug`); tests stay quiet otherwise. Every suite's databases come from
+/// here, so every suite honours it.
+pub fn init_test_log() {
+    let Ok(filter) = std::env::var("TEST_LOG") else {
+        return;
+    };
+    let filter = if filter == "1" { "info".to_owned() } else { filter };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
+}
+
 /// The PostgreSQL server the tests create their databases on (`make test` starts it).
 pub fn pg_admin_url() -> String {
     std::env::var("KILN_TEST_PG_URL")
@@ -34,6 +48,7 @@ impl TestDb {
 
     /// A fresh, empty database: nothing migrated.
     pub async fn unmigrated(backend: Backend, max_connections: u32) -> TestDb {
+        init_test_log();
         let tag = ulid::Ulid::generate().to_string().to_lowercase();
         let opts = DbOptions {
             max_connections,

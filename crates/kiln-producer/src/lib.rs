@@ -76,7 +76,7 @@ pub async fn intake(
     order: Order<'_>,
 ) -> Result<Accepted, IntakeError> {
     let key = order.idempotency_key;
-    kiln_jobs::check_key(key).map_err(|_| IntakeError::BadKey)?;
+    kiln_jobs::check_order_key(key).map_err(|_| IntakeError::BadKey)?;
     let probe =
         kiln_assets::probe(&order.design, &Limits::default()).map_err(IntakeError::Upload)?;
     let spec = ProductSpec::from_json(order.spec_json)?;

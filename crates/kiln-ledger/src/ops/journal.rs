@@ -169,6 +169,10 @@ impl Locked {
         Ok(())
     }
 
+    /// **The commit rule**: the amount leaves `held` for `committed`, and one `commit` entry
+    /// records it with the balances after. This is its source; `resolve::COMMIT_PG` is the
+    /// same rule in one PostgreSQL statement, and the model test holds both to the model
+    /// (SQLite commits through here, PostgreSQL through the statement).
     pub(crate) fn committed(&mut self, r: &Reservation) -> Result<()> {
         self.unhold(r)?;
         self.totals.committed = self.totals.committed.checked_add(r.amount)?;

@@ -37,8 +37,9 @@ pub(crate) async fn unresolved(
     }
 }
 
-// PostgreSQL: the whole commit in one statement. The reservation's row lock is taken first, then
-// the account's; no other path locks an existing reservation while holding its account.
+// PostgreSQL: the whole commit in one statement — the commit rule of `Locked::committed`, in
+// SQL. The reservation's row lock is taken first, then the account's; no other path locks an
+// existing reservation while holding its account.
 pub(crate) const COMMIT_PG: &str = "WITH r AS (UPDATE reservations SET state = 'committed', resolved_at_ms = $2 \
     WHERE id = $1 AND state = 'held' RETURNING *), \
     a AS (UPDATE accounts SET held = accounts.held - r.amount, committed = accounts.committed + r.amount, \
