@@ -11,7 +11,11 @@ pub fn init_test_log() {
     let Ok(filter) = std::env::var("TEST_LOG") else {
         return;
     };
-    let filter = if filter == "1" { "info".to_owned() } else { filter };
+    let filter = if filter == "1" {
+        "info".to_owned()
+    } else {
+        filter
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_test_writer()
