@@ -219,6 +219,35 @@ impl App {
         Ok(())
     }
 
+    /// Binds the HTTP API (DESIGN.md §6) on `listen` (`127.0.0.1:0` picks a free port) and
+    /// returns the address it is bound to and the server, which runs until `shutdown`
+    /// completes and then finishes the requests in flight.
+    pub async fn serve(
+        &self,
+        listen: &str,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<(
+        std::net::SocketAddr,
+        impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    )> {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        let router = kiln_api::router(kiln_api::Api {
+            queue: self.queue.clone(),
+            storage: self.storage.clone(),
+            max_attempts: self.settings.jobs.max_attempts,
+        });
+        let server = async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .context("the HTTP server stopped")
+        };
+        Ok((addr, server))
+    }
+
     /// Runs the workers of `opts` and the maintenance loop until `shutdown` completes, then
     /// lets running kits finish within the grace period. Wrong storage settings stop it at
     /// once; a storage outage does not (kits retry until it ends).

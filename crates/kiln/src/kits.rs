@@ -42,6 +42,43 @@ pub async fn work(app: &App, opts: WorkOptions) -> anyhow::Result<()> {
     app.work(opts, shutdown_signal()).await
 }
 
+/// `kiln serve`: the HTTP API, and on SQLite (one machine) kit workers beside it, until
+/// SIGTERM or Ctrl-C.
+pub async fn serve(app: &App, listen: &str, work: bool) -> anyhow::Result<()> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stopped_for = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let (addr, server) = app.serve(listen, stopped_for(stopped.clone())).await?;
+    let in_process = work && app.ledger().db().backend() == kiln_ledger::Backend::Sqlite;
+    eprintln!(
+        "kiln serve: listening on http://{addr}{}; SIGTERM or Ctrl-C stops",
+        if in_process {
+            ", with kit workers in this process"
+        } else {
+            " (kits are made by `kiln work` processes)"
+        }
+    );
+    let worker = in_process.then(|| {
+        let app = app.clone();
+        let opts = WorkOptions {
+            queues: vec![Kit::Essentials, Kit::Caratzon],
+            concurrency: 1,
+            grace: Duration::from_secs(60),
+        };
+        let stopped = stopped_for(stopped.clone());
+        tokio::spawn(async move { app.work(opts, stopped).await })
+    });
+    let server = tokio::spawn(server);
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    server.await.context("server task")??;
+    if let Some(w) = worker {
+        w.await.context("worker task")??;
+    }
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {
@@ -53,7 +90,7 @@ async fn shutdown_signal() {
             }
         } => {}
     }
-    eprintln!("kiln work: stopping; running kits may finish");
+    eprintln!("kiln: stopping; running kits may finish");
 }
 
 pub struct NewKit<'a> {

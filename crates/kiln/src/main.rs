@@ -78,6 +78,16 @@ enum Command {
         #[arg(long, default_value = "both")]
         kit: String,
     },
+    /// Serve the HTTP API (DESIGN.md §6) until SIGTERM or Ctrl-C; on the embedded default
+    /// (SQLite) with kit workers in the same process unless --no-work.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Serve only; leave the kits to `kiln work` processes.
+        #[arg(long = "no-work")]
+        no_work: bool,
+    },
     /// Run kit workers (and periodic maintenance) until SIGTERM or Ctrl-C.
     Work {
         /// Comma-separated: kits.essentials, kits.caratzon.
@@ -212,6 +222,11 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             };
             let app = App::build(settings, Migrate::Yes).await?;
             kits::demo(&app, design.as_deref(), spec.as_deref(), &kits).await?;
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Command::Serve { listen, no_work } => {
+            let app = App::build(settings, Migrate::No).await?;
+            kits::serve(&app, &listen, !no_work).await?;
             return Ok(std::process::ExitCode::SUCCESS);
         }
         Command::Work {
@@ -415,6 +430,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Migrate
         | Command::Config
         | Command::Demo { .. }
+        | Command::Serve { .. }
         | Command::Work { .. }
         | Command::Kits(KitsCommand::Create { .. }) => unreachable!("handled above"),
         Command::Status => {

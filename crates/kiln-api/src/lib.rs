@@ -1,0 +1,515 @@
+//! kiln's HTTP API (DESIGN.md §6), on axum: the router over a job queue and an object store.
+//! This first part serves liveness and readiness, the price list, the caller's own account and
+//! balance, and their kit jobs; every answer that is not a success has the one error shape
+//! (`error`). `Authorization: Bearer <api key>` names the caller; anything owned by another
+//! account is 404, as if it did not exist.
+
+mod error;
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kiln_core::{Action, Credits, Kit, PlanId};
+use kiln_jobs::{JobId, JobStatus, JobView, Queue};
+use kiln_ledger::{Account, NewAccount};
+use kiln_storage::Storage;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub use error::ApiError;
+
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub struct Api {
+    pub queue: Queue,
+    pub storage: Storage,
+    /// Deliveries of a kit job before it fails and releases.
+    pub max_attempts: u32,
+}
+
+/// Every route, over `api`.
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/prices", get(prices))
+        .route("/v1/accounts", post(create_account))
+        .route("/v1/account", get(account))
+        .route("/v1/balance", get(balance))
+        .route("/v1/ledger", get(ledger))
+        .route("/v1/quotes", post(quote))
+        .route("/v1/charges", post(charge))
+        .route("/v1/topups", post(topup))
+        .route(
+            "/v1/kits",
+            // The design's own limit is enforced while reading (`read_field`); this only keeps
+            // axum's 2 MB default from refusing first, without our error shape.
+            post(create_kit).layer(axum::extract::DefaultBodyLimit::max(
+                MAX_DESIGN_BYTES + MAX_SPEC_BYTES + 64 * 1024,
+            )),
+        )
+        .route("/v1/jobs", get(jobs))
+        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .fallback(|| async { ApiError::not_found("route") })
+        .with_state(api)
+}
+
+/// The account an API key belongs to.
+#[derive(Clone, Debug)]
+pub struct Caller(pub Account);
+
+impl FromRequestParts<Api> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Caller, ApiError> {
+        let key = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(ApiError::unauthorized)?;
+        match api.queue.ledger().account_by_api_key(key).await? {
+            Some(a) => Ok(Caller(a)),
+            None => Err(ApiError::unauthorized()),
+        }
+    }
+}
+
+/// A JSON request body; anything that does not parse (or names unknown fields) is a 422 naming
+/// the problem, in the one error shape.
+#[derive(Debug)]
+pub struct Body<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<Api> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, api: &Api) -> Result<Body<T>, ApiError> {
+        match Json::<T>::from_request(req, api).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                e.body_text(),
+            )),
+        }
+    }
+}
+
+/// The caller, who must be an admin (403 otherwise).
+#[derive(Debug)]
+pub struct Admin(pub Account);
+
+impl FromRequestParts<Api> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Admin, ApiError> {
+        let Caller(a) = Caller::from_request_parts(parts, api).await?;
+        if a.is_admin {
+            Ok(Admin(a))
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this needs an admin account",
+            ))
+        }
+    }
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the database answers and the object store takes requests.
+async fn readyz(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
+    let db = async {
+        let mut tx = api.queue.ledger().db().begin_read().await?;
+        kiln_jobs::queue_stats(&mut tx, api.queue.ledger().ctx().now).await?;
+        Ok::<(), kiln_jobs::JobsError>(())
+    }
+    .await;
+    let storage = api.storage.check().await;
+    match (db, storage) {
+        (Ok(()), Ok(())) => Ok(Json(json!({ "status": "ready" }))),
+        (db, storage) => {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "a dependency is not answering",
+            );
+            e.extra.insert("database".into(), json!(db.is_ok()));
+            e.extra.insert("storage".into(), json!(storage.is_ok()));
+            Err(e)
+        }
+    }
+}
+
+async fn prices(State(api): State<Api>) -> Json<Value> {
+    Json(json!(api.queue.ledger().pricing()))
+}
+
+async fn account(Caller(a): Caller) -> Json<Account> {
+    Json(a)
+}
+
+async fn balance(State(api): State<Api>, Caller(a): Caller) -> Result<Json<Value>, ApiError> {
+    let b = api.queue.ledger().balance(a.id).await?;
+    Ok(Json(json!(b)))
+}
+
+async fn job(
+    State(api): State<Api>,
+    Caller(a): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    // An id that is not a ULID names no job at all.
+    let id: JobId = id.parse().map_err(|_| ApiError::not_found("job"))?;
+    let mut tx = api.queue.ledger().db().begin_read().await?;
+    let found = kiln_jobs::job(&mut tx, &id).await?;
+    match found.filter(|j| j.account_id == a.id) {
+        Some(j) => Ok(Json(j.view())),
+        None => Err(ApiError::not_found(format_args!("job {id}"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobsQuery {
+    status: Option<JobStatus>,
+    /// A job id: the page after it (jobs come newest first).
+    before: Option<JobId>,
+    limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+struct JobsPage {
+    jobs: Vec<JobView>,
+    /// Pass as `before` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_before: Option<JobId>,
+}
+
+async fn jobs(
+    State(api): State<Api>,
+    Caller(a): Caller,
+    query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<JobsPage>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 200);
+    let mut tx = api.queue.ledger().db().begin_read().await?;
+    let mut found = kiln_jobs::jobs(&mut tx, a.id, q.status, q.before.as_ref(), limit + 1).await?;
+    let more = found.len() > limit as usize;
+    found.truncate(limit as usize);
+    Ok(Json(JobsPage {
+        next_before: more.then(|| found.last().map(|j| j.id.clone())).flatten(),
+        jobs: found.iter().map(kiln_jobs::KitJob::view).collect(),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAccountBody {
+    email: Option<String>,
+    plan: PlanId,
+    /// `admin` or `member` (default).
+    role: Option<String>,
+    /// Enterprise accounts' monthly credits.
+    monthly_allowance: Option<Credits>,
+}
+
+/// Admin: opens an account; its API key is in this answer only.
+async fn create_account(
+    State(api): State<Api>,
+    Admin(_): Admin,
+    Body(b): Body<NewAccountBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let is_admin = match b.role.as_deref() {
+        None | Some("member") => false,
+        Some("admin") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                format!("role must be admin or member, not {other:?}"),
+            ));
+        }
+    };
+    let created = api
+        .queue
+        .ledger()
+        .create_account(NewAccount {
+            plan: b.plan,
+            is_admin,
+            email: b.email,
+            monthly_allowance: b.monthly_allowance,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!(created))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerQuery {
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// The caller's journal, oldest first, paged by sequence number.
+async fn ledger(
+    State(api): State<Api>,
+    Caller(a): Caller,
+    query: Result<Query<LedgerQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let page = api
+        .queue
+        .ledger()
+        .journal(a.id, q.after, q.limit.unwrap_or(100))
+        .await?;
+    Ok(Json(json!(page)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuoteBody {
+    action: Action,
+}
+
+/// What an action would cost the caller now, before anything runs.
+async fn quote(
+    State(api): State<Api>,
+    Caller(a): Caller,
+    Body(b): Body<QuoteBody>,
+) -> Result<Json<Value>, ApiError> {
+    let q = api.queue.ledger().quote(a.id, b.action).await?;
+    Ok(Json(json!(q)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChargeBody {
+    action: Action,
+    idempotency_key: String,
+}
+
+/// Charges an action at once (Cara metering: charged on send), idempotent by key; 402 if short.
+async fn charge(
+    State(api): State<Api>,
+    Caller(a): Caller,
+    Body(b): Body<ChargeBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let r = api
+        .queue
+        .ledger()
+        .charge(a.id, b.action, &b.idempotency_key)
+        .await
+        .map_err(|e| with_top_up_packs(&api, e))?;
+    Ok((StatusCode::CREATED, Json(json!(r))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopUpBody {
+    pack: String,
+    payment_ref: String,
+}
+
+/// Buys a top-up pack for the caller; idempotent by payment reference.
+async fn topup(
+    State(api): State<Api>,
+    Caller(a): Caller,
+    Body(b): Body<TopUpBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let g = api
+        .queue
+        .ledger()
+        .topup(a.id, &b.pack, &b.payment_ref)
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!(g))))
+}
+
+/// Cancels the caller's queued job and releases its credits; 409 once it has started.
+async fn cancel(
+    State(api): State<Api>,
+    Caller(a): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let id: JobId = id.parse().map_err(|_| ApiError::not_found("job"))?;
+    let ledger = api.queue.ledger();
+    let mut tx = ledger.db().begin().await?;
+    let j = kiln_jobs::cancel(&mut tx, &ledger.ctx(), a.id, &id).await?;
+    tx.commit().await?;
+    Ok(Json(j.view()))
+}
+
+/// A 402 carries the packs that would cover it.
+fn with_top_up_packs(api: &Api, e: kiln_ledger::LedgerError) -> ApiError {
+    let mut err = ApiError::from(e);
+    if err.code == "insufficient_credits" {
+        err.extra.insert(
+            "top_up_packs".into(),
+            json!(api.queue.ledger().pricing().packs()),
+        );
+    }
+    err
+}
+
+/// The largest design accepted: the decoder's own limit.
+pub const MAX_DESIGN_BYTES: usize = 40 * 1024 * 1024;
+/// The largest spec accepted.
+const MAX_SPEC_BYTES: usize = 64 * 1024;
+
+/// Reads one multipart field, refusing it as soon as it passes `limit` bytes (413): the body is
+/// never read further than the limit plus the chunk that crossed it.
+async fn read_field(
+    field: &mut axum::extract::multipart::Field<'_>,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, ApiError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("the upload broke off: {}", e.body_text())))?
+    {
+        if out.len() + chunk.len() > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "upload_too_large",
+                format!("{what} is larger than {limit} bytes"),
+            ));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn field_missing(name: &str) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+        format!("the form needs a `{name}` field"),
+    );
+    e.extra.insert("field".into(), name.into());
+    e
+}
+
+/// Orders a kit: multipart `design` (the image), `spec` (JSON) and `kit` (essentials or
+/// caratzon). Everything is checked before a credit is touched — size (413), format sniffed from
+/// the bytes (415), the spec (422, naming the field), the whole image decoded (422) — and
+/// nothing is charged for a refused request. `Idempotency-Key`: the same key for the same order
+/// returns its job (200), for another order 409; without one, every request is a new order.
+async fn create_kit(
+    State(api): State<Api>,
+    Caller(a): Caller,
+    headers: axum::http::HeaderMap,
+    multipart: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("send multipart/form-data: {}", e.body_text()),
+        )
+    })?;
+    let (mut design, mut spec, mut kit) = (None, None, None);
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::bad_request(e.body_text()))?
+    {
+        match field.name().unwrap_or_default() {
+            "design" => {
+                design = Some(read_field(&mut field, MAX_DESIGN_BYTES, "the design").await?)
+            }
+            "spec" => spec = Some(read_field(&mut field, MAX_SPEC_BYTES, "the spec").await?),
+            "kit" => kit = Some(read_field(&mut field, 64, "kit").await?),
+            other => {
+                let mut e = ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_request",
+                    format!("unknown form field `{other}` (send design, spec and kit)"),
+                );
+                e.extra.insert("field".into(), other.to_owned().into());
+                return Err(e);
+            }
+        }
+    }
+    let design = design.ok_or_else(|| field_missing("design"))?;
+    let spec = spec.ok_or_else(|| field_missing("spec"))?;
+    let kit = kit.ok_or_else(|| field_missing("kit"))?;
+    let kit: Kit = std::str::from_utf8(&kit)
+        .ok()
+        .and_then(|k| k.trim().parse().ok())
+        .ok_or_else(|| {
+            let mut e = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                "kit must be essentials or caratzon",
+            );
+            e.extra.insert("field".into(), "kit".into());
+            e
+        })?;
+    let key = match headers.get("idempotency-key") {
+        None => format!("http-{}", ulid::Ulid::generate()),
+        Some(v) => v.to_str().map(str::to_owned).map_err(|_| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_idempotency_key",
+                "Idempotency-Key must be printable text",
+            )
+        })?,
+    };
+    let accepted = kiln_producer::intake(
+        &api.queue,
+        &api.storage,
+        kiln_producer::Order {
+            account: a.id,
+            kit,
+            design: bytes::Bytes::from(design),
+            spec_json: &spec,
+            idempotency_key: &key,
+            max_attempts: api.max_attempts,
+        },
+    )
+    .await
+    .map_err(|e| intake_error(&api, e))?;
+    let status = if accepted.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((
+        status,
+        Json(json!({ "job": accepted.job.view(), "replayed": accepted.replayed })),
+    ))
+}
+
+fn intake_error(api: &Api, e: kiln_producer::IntakeError) -> ApiError {
+    use kiln_producer::IntakeError;
+    let code = e.code();
+    let status = match code {
+        "upload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "storage_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    match e {
+        IntakeError::Upload(_) | IntakeError::Spec(_) | IntakeError::BadKey => {
+            ApiError::new(status, code, e.to_string())
+        }
+        IntakeError::Jobs(kiln_jobs::JobsError::Ledger(l)) => with_top_up_packs(api, l),
+        IntakeError::Jobs(j) => j.into(),
+        IntakeError::Storage(s) if s.is_retryable() => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            "storage is unavailable; try again",
+        ),
+        other => ApiError::internal(&other),
+    }
+}

@@ -1,0 +1,461 @@
+//! The HTTP API over real HTTP, started in-process as `kiln serve` starts it (`App::serve`), on
+//! the embedded default (SQLite + local store) and on PostgreSQL: who may see what, the error
+//! shape, and the JSON of DESIGN.md §6 for what is served so far.
+
+use std::time::Duration;
+
+use kiln::settings::Settings;
+use kiln::{App, Migrate};
+use kiln_core::{Kit, PlanId};
+use kiln_ledger::NewAccount;
+use kiln_producer::{Order, intake};
+use serde_json::Value;
+
+struct Served {
+    base: String,
+    app: App,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: kiln_e2e::Scratch,
+}
+
+async fn serve(database_url: &str) -> Served {
+    kiln_e2e::init_test_log();
+    let dir = kiln_e2e::Scratch::new();
+    let storage = dir.0.join("objects");
+    let settings = Settings::load_from(
+        None,
+        &[
+            ("KILN_DATABASE_URL", database_url),
+            ("KILN_STORAGE", storage.to_str().expect("utf-8 path")),
+        ],
+    )
+    .expect("settings");
+    let app = App::build(settings, Migrate::Yes).await.expect("build");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, server) = app
+        .serve("127.0.0.1:0", async move {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("bind");
+    tokio::spawn(server);
+    Served {
+        base: format!("http://{addr}"),
+        app,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+async fn account(s: &Served, admin: bool) -> (kiln_core::AccountId, String) {
+    let c = s
+        .app
+        .ledger()
+        .create_account(NewAccount {
+            plan: PlanId::Discover,
+            is_admin: admin,
+            email: None,
+            monthly_allowance: None,
+        })
+        .await
+        .expect("account");
+    (c.account.id, c.api_key)
+}
+
+async fn get(s: &Served, path: &str, key: Option<&str>) -> (u16, Value) {
+    send(s, reqwest::Method::GET, path, key, None).await
+}
+
+async fn post(s: &Served, path: &str, key: Option<&str>, body: Value) -> (u16, Value) {
+    send(s, reqwest::Method::POST, path, key, Some(body)).await
+}
+
+async fn send(
+    s: &Served,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let mut req = client.request(method, format!("{}{path}", s.base));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("HTTP");
+    let status = resp.status().as_u16();
+    let body = resp.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// A 402 `insufficient_credits` with what is needed and the three default packs to cover it.
+fn assert_short(status: u16, body: &Value, needed: u64, available: u64, shortfall: u64) {
+    assert_eq!(status, 402, "{body}");
+    assert_error(body, "insufficient_credits");
+    let e = &body["error"];
+    assert_eq!(
+        (&e["needed"], &e["available"], &e["shortfall"]),
+        (&needed.into(), &available.into(), &shortfall.into()),
+        "{body}"
+    );
+    assert!(
+        e["top_up_packs"].as_array().is_some_and(|p| p.len() == 3),
+        "{body}"
+    );
+}
+
+fn assert_error(body: &Value, code: &str) {
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+async fn contract(database_url: &str) {
+    let s = serve(database_url).await;
+    let (status, body) = get(&s, "/healthz", None).await;
+    assert_eq!((status, &body["status"]), (200, &Value::from("ok")));
+    let (status, body) = get(&s, "/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) = get(&s, "/v1/prices", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["actions"]["essentials_kit"], 10, "{body}");
+    assert_eq!(body["actions"]["caratzon_kit"], 100, "{body}");
+
+    // No key, a malformed header, a wrong key: 401 with the error shape.
+    for key in [None, Some(""), Some("kiln_not-a-key")] {
+        let (status, body) = get(&s, "/v1/account", key).await;
+        assert_eq!(status, 401, "{key:?}: {body}");
+        assert_error(&body, "unauthorized");
+    }
+
+    let (me, key) = account(&s, false).await;
+    let (other, other_key) = account(&s, false).await;
+    let (status, body) = get(&s, "/v1/account", Some(&key)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["id"], me.to_string());
+    let (status, body) = get(&s, "/v1/balance", Some(&key)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["available"], 200);
+    assert_eq!(body["held"], 0);
+    assert_eq!(body["by_kind"][0]["kind"], "welcome", "{body}");
+
+    // A job of mine, seen by me; 404 for the other account, as for an id that names nothing.
+    let design = kiln_assets::encode_jpeg(&kiln_assets::sample::ring(700), 90).expect("jpeg");
+    let job = intake(
+        s.app.queue(),
+        s.app.storage(),
+        Order {
+            account: me,
+            kit: Kit::Essentials,
+            design: bytes::Bytes::from(design),
+            spec_json: kiln_assets::sample::SPEC_JSON.as_bytes(),
+            idempotency_key: "api-1",
+            max_attempts: 2,
+        },
+    )
+    .await
+    .expect("intake")
+    .job;
+    let path = format!("/v1/jobs/{}", job.id);
+    let (status, body) = get(&s, &path, Some(&key)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["id"], job.id.to_string());
+    assert_eq!(body["kit"], "essentials");
+    assert_eq!(body["status"], "queued");
+    assert_eq!(body["cost"], 10);
+    assert_eq!(body["charge"], "held");
+    assert!(body["progress"]["total"].is_number(), "{body}");
+    assert!(body["error"].is_null(), "{body}");
+    let (status, body) = get(&s, &path, Some(&other_key)).await;
+    assert_eq!(status, 404, "another account's job: {body}");
+    assert_error(&body, "not_found");
+    for missing in ["/v1/jobs/01J00000000000000000000000", "/v1/jobs/not-a-ulid"] {
+        let (status, body) = get(&s, missing, Some(&key)).await;
+        assert_eq!(status, 404, "{missing}: {body}");
+        assert_error(&body, "not_found");
+    }
+
+    let (status, body) = get(&s, "/v1/jobs", Some(&key)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["jobs"].as_array().map(Vec::len), Some(1), "{body}");
+    let (status, body) = get(&s, "/v1/jobs?status=succeeded", Some(&key)).await;
+    assert_eq!(
+        (status, body["jobs"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    let (status, body) = get(&s, "/v1/jobs", Some(&other_key)).await;
+    assert_eq!(
+        (status, body["jobs"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    let (status, body) = get(&s, "/v1/jobs?status=lost", Some(&key)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_error(&body, "bad_request");
+    let _ = other;
+
+    let (status, body) = get(&s, "/v1/nothing-here", Some(&key)).await;
+    assert_eq!(status, 404);
+    assert_error(&body, "not_found");
+
+    // Cancel: the other account cannot (404, nothing released); the owner can, once.
+    let cancel = format!("/v1/jobs/{}/cancel", job.id);
+    let (status, body) = post(&s, &cancel, Some(&other_key), Value::Null).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = post(&s, &cancel, Some(&key), Value::Null).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["status"], &body["charge"]),
+        (&"cancelled".into(), &"released".into())
+    );
+    let (status, body) = post(&s, &cancel, Some(&key), Value::Null).await;
+    assert_eq!(status, 409, "{body}");
+    assert_error(&body, "not_cancellable");
+    let (_, body) = get(&s, "/v1/balance", Some(&key)).await;
+    assert_eq!(
+        (&body["available"], &body["held"]),
+        (&200.into(), &0.into())
+    );
+
+    money(&s, &key, &other_key).await;
+    kits(&s).await;
+}
+
+async fn post_kit(
+    s: &Served,
+    key: &str,
+    idempotency_key: Option<&str>,
+    design: Vec<u8>,
+    spec: &str,
+    kit: &str,
+) -> (u16, Value) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "design",
+            reqwest::multipart::Part::bytes(design)
+                .file_name("design.jpg")
+                .mime_str("image/jpeg")
+                .expect("mime"),
+        )
+        .text("spec", spec.to_owned())
+        .text("kit", kit.to_owned());
+    let mut req = reqwest::Client::new()
+        .post(format!("{}/v1/kits", s.base))
+        .bearer_auth(key)
+        .multipart(form);
+    if let Some(k) = idempotency_key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let resp = req.send().await.expect("HTTP");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn held(s: &Served, key: &str) -> (i64, i64) {
+    let (_, b) = get(s, "/v1/balance", Some(key)).await;
+    (
+        b["available"].as_i64().expect("available"),
+        b["held"].as_i64().expect("held"),
+    )
+}
+
+/// Ordering kits over HTTP: accepted, replayed, conflicting, refused before any charge.
+async fn kits(s: &Served) {
+    let (_, key) = account(s, false).await;
+    let spec = kiln_assets::sample::SPEC_JSON;
+    let jpeg = kiln_assets::encode_jpeg(&kiln_assets::sample::ring(700), 90).expect("jpeg");
+
+    let (status, body) = post_kit(s, &key, Some("order-1"), jpeg.clone(), spec, "essentials").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        (&body["job"]["status"], &body["job"]["cost"]),
+        (&"queued".into(), &10.into())
+    );
+    let id = body["job"]["id"].clone();
+    let (status, body) = post_kit(s, &key, Some("order-1"), jpeg.clone(), spec, "essentials").await;
+    assert_eq!(
+        (status, &body["job"]["id"]),
+        (200, &id),
+        "a replay is the same job: {body}"
+    );
+    let (status, body) = post_kit(s, &key, Some("order-1"), jpeg.clone(), spec, "caratzon").await;
+    assert_eq!(status, 409, "same key, another order: {body}");
+    assert_error(&body, "idempotency_conflict");
+    assert_eq!(held(s, &key).await, (190, 10), "one order, one hold");
+
+    // Without a key every request is a new order.
+    for _ in 0..2 {
+        let (status, body) = post_kit(s, &key, None, jpeg.clone(), spec, "essentials").await;
+        assert_eq!(status, 202, "{body}");
+    }
+    assert_eq!(held(s, &key).await, (170, 30));
+
+    // Refused before any charge: each leaves the balance as it was.
+    let mut truncated = jpeg.clone();
+    truncated.truncate(jpeg.len() * 2 / 3);
+    // Garbled where a decoder cannot paper over it: the Huffman tables (scrambled entropy data
+    // alone decodes, to noise).
+    let mut garbled = jpeg.clone();
+    let dht = garbled
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC4])
+        .expect("a DHT segment");
+    for b in &mut garbled[dht + 5..dht + 40] {
+        *b = 0xFF;
+    }
+    let html = b"<!doctype html><html><body>not a picture</body></html>".to_vec();
+    let bad_spec = r#"{"style_number": "A-1", "name": "Ring", "category": "spaceship"}"#;
+    let refusals: [(Vec<u8>, &str, &str, u16, &str); 6] = [
+        (truncated, spec, "essentials", 422, "undecodable_image"),
+        (garbled, spec, "essentials", 422, "undecodable_image"),
+        (html, spec, "essentials", 415, "unsupported_media_type"),
+        (jpeg.clone(), bad_spec, "essentials", 422, "invalid_spec"),
+        (jpeg.clone(), "not json", "essentials", 422, "invalid_spec"),
+        (jpeg.clone(), spec, "deluxe", 422, "invalid_request"),
+    ];
+    for (i, (design, spec, kit, want, code)) in refusals.into_iter().enumerate() {
+        let (status, body) = post_kit(s, &key, Some(&format!("bad-{i}")), design, spec, kit).await;
+        assert_eq!(status, want, "refusal {i}: {body}");
+        assert_error(&body, code);
+        assert_eq!(
+            held(s, &key).await,
+            (170, 30),
+            "refusal {i} charged nothing"
+        );
+    }
+    // A decompression bomb: a PNG of a few bytes that declares 40000 x 40000 pixels.
+    let mut bomb = Vec::new();
+    image::DynamicImage::ImageRgb8(image::RgbImage::new(1, 1))
+        .write_to(
+            &mut std::io::Cursor::new(&mut bomb),
+            image::ImageFormat::Png,
+        )
+        .expect("png");
+    bomb[16..20].copy_from_slice(&40_000u32.to_be_bytes());
+    bomb[20..24].copy_from_slice(&40_000u32.to_be_bytes());
+    let (status, body) = post_kit(s, &key, Some("bomb"), bomb, spec, "essentials").await;
+    assert!((400..500).contains(&status), "{status}: {body}");
+    assert!(
+        ["upload_too_large", "undecodable_image"]
+            .contains(&body["error"]["code"].as_str().unwrap_or("")),
+        "{body}"
+    );
+    assert_eq!(held(s, &key).await, (170, 30), "the bomb charged nothing");
+    let mut too_big = jpeg.clone();
+    too_big.resize(kiln_api::MAX_DESIGN_BYTES + 1, 0);
+    let (status, body) = post_kit(s, &key, Some("big"), too_big, spec, "essentials").await;
+    assert_eq!(status, 413, "{body}");
+    assert_error(&body, "upload_too_large");
+
+    // Short of credits: 402 with what is needed and the packs that cover it.
+    let (status, _) = post_kit(s, &key, None, jpeg.clone(), spec, "caratzon").await;
+    assert_eq!(status, 202);
+    let (status, body) = post_kit(s, &key, None, jpeg.clone(), spec, "caratzon").await;
+    assert_short(status, &body, 100, 70, 30);
+    assert_eq!(held(s, &key).await, (70, 130));
+}
+
+/// Quotes, charges (402 with the packs), top-ups, the journal, and the admin route.
+async fn money(s: &Served, key: &str, other_key: &str) {
+    let (status, body) = post(
+        s,
+        "/v1/quotes",
+        Some(key),
+        serde_json::json!({"action": "caratzon_kit"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            &body["cost"],
+            &body["available"],
+            &body["affordable"],
+            &body["shortfall"]
+        ),
+        (&100.into(), &200.into(), &true.into(), &0.into()),
+        "{body}"
+    );
+    let (status, body) = post(
+        s,
+        "/v1/quotes",
+        Some(key),
+        serde_json::json!({"action": "yacht"}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_error(&body, "invalid_request");
+
+    let charge = |k: &str| serde_json::json!({"action": "caratzon_kit", "idempotency_key": k});
+    let (status, body) = post(s, "/v1/charges", Some(key), charge("c1")).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        (&body["amount"], &body["state"]),
+        (&100.into(), &"committed".into())
+    );
+    let (status, again) = post(s, "/v1/charges", Some(key), charge("c1")).await;
+    assert_eq!(
+        (status, &again["id"]),
+        (201, &body["id"]),
+        "a replay is the same charge"
+    );
+    let (status, _) = post(s, "/v1/charges", Some(key), charge("c2")).await;
+    assert_eq!(status, 201);
+    let (status, body) = post(s, "/v1/charges", Some(key), charge("c3")).await;
+    assert_short(status, &body, 100, 0, 100);
+
+    let topup = serde_json::json!({"pack": "small", "payment_ref": "inv-9"});
+    for _ in 0..2 {
+        let (status, body) = post(s, "/v1/topups", Some(key), topup.clone()).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (_, body) = get(s, "/v1/balance", Some(key)).await;
+    assert_eq!(
+        body["available"], 500,
+        "one top-up per payment reference: {body}"
+    );
+    let (status, body) = get(s, "/v1/ledger?limit=2", Some(key)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["entries"].as_array().map(Vec::len), Some(2), "{body}");
+    let after = body["next_after"].as_i64().expect("more entries");
+    let (_, body) = get(s, &format!("/v1/ledger?after={after}&limit=100"), Some(key)).await;
+    assert!(body["next_after"].is_null(), "{body}");
+
+    // Accounts are opened by admins only.
+    let new = serde_json::json!({"email": "new@shop.test", "plan": "source"});
+    let (status, body) = post(s, "/v1/accounts", Some(other_key), new.clone()).await;
+    assert_eq!(status, 403, "{body}");
+    assert_error(&body, "forbidden");
+    let (_, admin_key) = account(s, true).await;
+    let (status, body) = post(s, "/v1/accounts", Some(&admin_key), new).await;
+    assert_eq!(status, 201, "{body}");
+    let fresh = body["api_key"]
+        .as_str()
+        .expect("api key shown once")
+        .to_owned();
+    let (status, body) = get(s, "/v1/balance", Some(&fresh)).await;
+    assert_eq!((status, &body["available"]), (200, &1500.into()), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_on_the_embedded_default() {
+    let dir = kiln_e2e::Scratch::new();
+    contract(&format!("sqlite://{}/kiln.db", dir.0.display())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_on_postgres() {
+    let pg = kiln_e2e::PgDb::new();
+    contract(&pg.url).await;
+}
