@@ -459,3 +459,65 @@ async fn api_on_postgres() {
     let pg = kiln_e2e::PgDb::new();
     contract(&pg.url).await;
 }
+
+/// 100 identical orders at once under one Idempotency-Key: one job, one hold, every caller given
+/// that job. Then 200 orders at once, each its own, for 20 kits' worth of credits: exactly 20
+/// accepted, every other a 402 with a correct body, and the ledger clean.
+async fn races(database_url: &str) {
+    let s = std::sync::Arc::new(serve(database_url).await);
+    let spec = kiln_assets::sample::SPEC_JSON;
+    let jpeg = kiln_assets::encode_jpeg(&kiln_assets::sample::ring(400), 85).expect("jpeg");
+
+    let (_, key) = account(&s, false).await;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let (s, key, jpeg) = (s.clone(), key.clone(), jpeg.clone());
+        set.spawn(async move { post_kit(&s, &key, Some("same"), jpeg, spec, "essentials").await });
+    }
+    let answers = set.join_all().await;
+    let ids: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|(status, body)| {
+            assert!([200, 202].contains(status), "{status}: {body}");
+            body["job"]["id"].as_str().expect("job id").to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "one job for one key: {ids:?}");
+    assert_eq!(
+        answers.iter().filter(|(status, _)| *status == 202).count(),
+        1,
+        "one new order, the rest replays"
+    );
+    assert_eq!(held(&s, &key).await, (190, 10), "one reservation");
+
+    let (_, key) = account(&s, false).await;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let (s, key, jpeg) = (s.clone(), key.clone(), jpeg.clone());
+        set.spawn(async move { post_kit(&s, &key, None, jpeg, spec, "essentials").await });
+    }
+    let answers = set.join_all().await;
+    let accepted = answers.iter().filter(|(status, _)| *status == 202).count();
+    assert_eq!(accepted, 20, "exactly twenty kits' worth");
+    for (status, body) in answers.iter().filter(|(status, _)| *status != 202) {
+        assert_short(*status, body, 10, 0, 10);
+    }
+    assert_eq!(held(&s, &key).await, (0, 200));
+    let (_, page) = get(&s, "/v1/jobs?limit=200", Some(&key)).await;
+    assert_eq!(page["jobs"].as_array().map(Vec::len), Some(20), "{page}");
+    let mut tx = s.app.ledger().db().begin_read().await.expect("begin");
+    let breaches = kiln_jobs::audit(&mut tx, None).await.expect("audit");
+    assert!(breaches.is_empty(), "{breaches:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_orders_on_the_embedded_default() {
+    let dir = kiln_e2e::Scratch::new();
+    races(&format!("sqlite://{}/kiln.db", dir.0.display())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_orders_on_postgres() {
+    let pg = kiln_e2e::PgDb::new();
+    races(&pg.url).await;
+}
