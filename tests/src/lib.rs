@@ -122,13 +122,9 @@ pub fn kiln(database_url: Option<&str>, cwd: &std::path::Path, args: &[&str]) ->
     cmd.output().expect("kiln runs")
 }
 
-/// The log filter for spawned `kiln` processes: `TEST_LOG`'s (`1` means info), else warnings.
+/// The log filter for spawned `kiln` processes: `TEST_LOG`'s, else warnings.
 fn test_log_filter() -> String {
-    match std::env::var("TEST_LOG") {
-        Ok(f) if f == "1" => "info".to_owned(),
-        Ok(f) => f,
-        Err(_) => "warn".to_owned(),
-    }
+    kiln_ledger::testing::test_log_filter().unwrap_or_else(|| "warn".to_owned())
 }
 
 /// stdout of a command that must succeed.

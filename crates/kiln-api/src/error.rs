@@ -76,7 +76,7 @@ impl From<LedgerError> for ApiError {
     fn from(e: LedgerError) -> ApiError {
         match e {
             LedgerError::AccountNotFound(_) | LedgerError::ReservationNotFound(_) => {
-                ApiError::not_found("it was")
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
             LedgerError::InsufficientCredits {
                 needed,

@@ -68,17 +68,6 @@ impl From<sqlx::Error> for JobsError {
     }
 }
 
-impl JobsError {
-    /// An infrastructure failure (database unreachable, I/O): worth retrying later, unlike a
-    /// business refusal.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            JobsError::Ledger(LedgerError::Database(_) | LedgerError::Io(_))
-        )
-    }
-}
-
 /// The queue over one ledger: what producers submit to. It owns the wake-up rounds that
 /// concurrent submissions share ([`submit`]).
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 backends!(kit_submits_race_for_twenty_slots_with_replays);
 
 async fn harness(backend: Backend) -> (Harness, kiln_ledger::AccountId) {
-    let h = Harness::with(backend, Pricing::default(), 16).await;
+    let h = kiln_jobs::testing::harness(backend, Pricing::default(), 16).await;
     let new = NewAccount {
         plan: PlanId::Discover,
         is_admin: false,

@@ -124,7 +124,7 @@ async fn get(h: &Harness, id: &JobId) -> jobs::KitJob {
 }
 
 async fn enqueue_reserves_and_pushes_one_task_atomically(backend: Backend) {
-    let h = Harness::new(backend).await;
+    let h = common::harness(backend).await;
     let acct = account(&h.ledger).await;
     let before = available(&h, acct).await;
     let first = enqueue(&h, acct, Kit::Essentials, "k1", "uploads/a.jpg").await;
@@ -205,7 +205,7 @@ async fn enqueue_reserves_and_pushes_one_task_atomically(backend: Backend) {
 /// `submit` (one statement in autocommit on PostgreSQL) returns exactly the row it wrote,
 /// replays and conflicts like `enqueue`, and takes the locking path when a renewal is due.
 async fn submit_writes_what_enqueue_writes_and_locks_when_due(backend: Backend) {
-    let h = Harness::new(backend).await;
+    let h = common::harness(backend).await;
     let acct = h
         .ledger
         .create_account(NewAccount {
@@ -411,7 +411,7 @@ async fn submit_wakes_listeners_once_per_due_task() {
 }
 
 async fn only_the_current_fence_finishes_a_job(backend: Backend) {
-    let h = Harness::new(backend).await;
+    let h = common::harness(backend).await;
     let acct = account(&h.ledger).await;
     let job = enqueue(&h, acct, Kit::Essentials, "k", "u").await.job;
     // The same task delivered to two workers: while the first renews its lease, the second
@@ -504,7 +504,7 @@ async fn only_the_current_fence_finishes_a_job(backend: Backend) {
 }
 
 async fn failure_releases_and_retries_use_new_tasks(backend: Backend) {
-    let h = Harness::new(backend).await;
+    let h = common::harness(backend).await;
     let acct = account(&h.ledger).await;
     let before = available(&h, acct).await;
     let job = enqueue(&h, acct, Kit::Caratzon, "k", "u").await.job;
@@ -576,7 +576,7 @@ async fn failure_releases_and_retries_use_new_tasks(backend: Backend) {
 }
 
 async fn cancel_only_queued_jobs_of_their_owner(backend: Backend) {
-    let h = Harness::new(backend).await;
+    let h = common::harness(backend).await;
     let (acct, other) = (account(&h.ledger).await, account(&h.ledger).await);
     let before = available(&h, acct).await;
     let queued = enqueue(&h, acct, Kit::Essentials, "a", "u").await.job;
@@ -620,7 +620,7 @@ async fn cancel_only_queued_jobs_of_their_owner(backend: Backend) {
 }
 
 async fn reconciler_requeues_orphans_and_resolves_charges(backend: Backend) {
-    let h = Harness::new(backend).await;
+    let h = common::harness(backend).await;
     let acct = account(&h.ledger).await;
     let job = enqueue(&h, acct, Kit::Essentials, "k", "u").await.job;
     let stale = fence_of(&claim(&h, &job.id, &job.task_id, "dead-worker").await);

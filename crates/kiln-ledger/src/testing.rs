@@ -2,24 +2,71 @@
 //! per test on the real PostgreSQL server (`KILN_TEST_PG_URL`, default the local one that
 //! `make test` starts) or a real SQLite file, removed when dropped, even after a panic.
 
-use crate::{Backend, Db, DbOptions};
+use std::sync::Arc;
+
+use crate::{Backend, Db, DbOptions, Ledger, ManualClock, Pricing, Timestamp};
+
+/// 2026-01-31T10:00:00Z: a month end, so billing cycles cross short months.
+pub fn start_time() -> Timestamp {
+    Timestamp::parse_rfc3339("2026-01-31T10:00:00Z").expect("valid start time")
+}
+
+pub const HOUR: i64 = 3_600_000;
+pub const DAY: i64 = 24 * HOUR;
+
+/// A ledger on a fresh database with a manual clock that starts at [`start_time`].
+#[derive(Debug)]
+pub struct Harness {
+    pub test_db: TestDb,
+    pub ledger: Ledger,
+    pub clock: ManualClock,
+}
+
+impl Harness {
+    /// The ledger's schema, default prices, five connections.
+    pub async fn new(backend: Backend) -> Harness {
+        Harness::with(backend, Pricing::default(), 5).await
+    }
+
+    /// The ledger's schema.
+    pub async fn with(backend: Backend, pricing: Pricing, max_connections: u32) -> Harness {
+        Harness::on(TestDb::new(backend, max_connections).await, pricing)
+    }
+
+    /// On a database the caller made (e.g. with the job queue's tables too).
+    pub fn on(test_db: TestDb, pricing: Pricing) -> Harness {
+        let clock = ManualClock::new(start_time());
+        let ledger = Ledger::new(
+            test_db.db.clone(),
+            Arc::new(pricing),
+            Arc::new(clock.clone()),
+        );
+        Harness {
+            test_db,
+            ledger,
+            clock,
+        }
+    }
+}
 
 /// Shows logs on stderr when `TEST_LOG` is set (`TEST_LOG=1` for info, or a filter such as
 /// `TEST_LOG=kit_worker=debug`); tests stay quiet otherwise. Every suite's databases come from
 /// here, so every suite honours it.
 pub fn init_test_log() {
-    let Ok(filter) = std::env::var("TEST_LOG") else {
+    let Some(filter) = test_log_filter() else {
         return;
-    };
-    let filter = if filter == "1" {
-        "info".to_owned()
-    } else {
-        filter
     };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_test_writer()
         .try_init();
+}
+
+/// `TEST_LOG`'s log filter (`1` means info), if it is set.
+pub fn test_log_filter() -> Option<String> {
+    std::env::var("TEST_LOG")
+        .ok()
+        .map(|f| if f == "1" { "info".to_owned() } else { f })
 }
 
 /// The PostgreSQL server the tests create their databases on (`make test` starts it).

@@ -78,16 +78,16 @@ pub async fn intake(
 ) -> Result<Accepted, IntakeError> {
     let key = order.idempotency_key;
     kiln_jobs::check_order_key(key).map_err(|_| IntakeError::BadKey)?;
-    let probe =
-        kiln_assets::probe(&order.design, &Limits::default()).map_err(IntakeError::Upload)?;
-    // The whole image, decoded once here: a truncated or garbled file is refused now, before a
-    // credit is held, instead of failing in the worker. (Off the async threads: a 16 MP JPEG
-    // takes about 100 ms.)
+    // The whole image, decoded once here (its header checks first): a truncated or garbled file
+    // is refused now, before a credit is held, instead of failing in the worker. Off the async
+    // threads: a 16 MP JPEG takes about 100 ms.
     let design = order.design.clone();
-    tokio::task::spawn_blocking(move || kiln_assets::decode(&design, &Limits::default()).map(drop))
-        .await
-        .map_err(|e| IntakeError::Jobs(JobsError::Corrupt(format!("decode task: {e}"))))?
-        .map_err(IntakeError::Upload)?;
+    let probe = tokio::task::spawn_blocking(move || {
+        kiln_assets::decode(&design, &Limits::default()).map(|(probe, _)| probe)
+    })
+    .await
+    .map_err(|e| IntakeError::Jobs(JobsError::Corrupt(format!("decode task: {e}"))))?
+    .map_err(IntakeError::Upload)?;
     let spec = ProductSpec::from_json(order.spec_json)?;
     // Stored normalized, so a replay with the same spec compares equal however it was spaced.
     let spec_text = serde_json::to_string(&spec)

@@ -1,47 +1,16 @@
-//! Test harness: a fresh, migrated database per test on the real PostgreSQL server or a real
-//! SQLite file, and the `backends!` macro that runs one test body against both.
-#![allow(dead_code)]
+//! Test harness: a fresh database with the ledger's and the queue's tables per test, on the
+//! real PostgreSQL server or a real SQLite file (`kiln_ledger::testing`, one helper for the
+//! workspace).
+// Each test binary uses a part of this.
+#![allow(dead_code, unused_imports)]
 
-use std::sync::Arc;
+use kiln_ledger::{Backend, Pricing};
 
-use kiln_ledger::{Backend, Ledger, ManualClock, Pricing, Timestamp};
+pub use kiln_ledger::testing::{DAY, HOUR, Harness};
 
-pub use kiln_jobs::testing::TestDb;
-
-/// 2026-01-31T10:00:00Z: a month end, so billing cycles cross short months.
-pub fn start_time() -> Timestamp {
-    Timestamp::parse_rfc3339("2026-01-31T10:00:00Z").expect("valid start time")
-}
-
-pub const HOUR: i64 = 3_600_000;
-pub const DAY: i64 = 24 * HOUR;
-
-/// A ledger on a fresh database with a manual clock.
-pub struct Harness {
-    pub test_db: TestDb,
-    pub ledger: Ledger,
-    pub clock: ManualClock,
-}
-
-impl Harness {
-    pub async fn new(backend: Backend) -> Harness {
-        Harness::with(backend, Pricing::default(), 5).await
-    }
-
-    pub async fn with(backend: Backend, pricing: Pricing, max_connections: u32) -> Harness {
-        let test_db = kiln_jobs::testing::test_db(backend, max_connections).await;
-        let clock = ManualClock::new(start_time());
-        let ledger = Ledger::new(
-            test_db.db.clone(),
-            Arc::new(pricing),
-            Arc::new(clock.clone()),
-        );
-        Harness {
-            test_db,
-            ledger,
-            clock,
-        }
-    }
+/// Default prices, five connections.
+pub async fn harness(backend: Backend) -> Harness {
+    kiln_jobs::testing::harness(backend, Pricing::default(), 5).await
 }
 
 /// The apalis tasks of `queue`: (id, payload).

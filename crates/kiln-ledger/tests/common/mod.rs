@@ -1,45 +1,6 @@
 //! Test harness: a fresh, migrated database per test on the real PostgreSQL server or a real
 //! SQLite file, and the `backends!` macro that runs one test body against both.
-#![allow(dead_code)]
+// Each test binary uses a part of this.
+#![allow(dead_code, unused_imports)]
 
-use std::sync::Arc;
-
-use kiln_ledger::{Backend, Ledger, ManualClock, Pricing, Timestamp};
-
-pub use kiln_ledger::testing::TestDb;
-
-/// 2026-01-31T10:00:00Z: a month end, so billing cycles cross short months.
-pub fn start_time() -> Timestamp {
-    Timestamp::parse_rfc3339("2026-01-31T10:00:00Z").expect("valid start time")
-}
-
-pub const HOUR: i64 = 3_600_000;
-pub const DAY: i64 = 24 * HOUR;
-
-/// A ledger on a fresh database with a manual clock.
-pub struct Harness {
-    pub test_db: TestDb,
-    pub ledger: Ledger,
-    pub clock: ManualClock,
-}
-
-impl Harness {
-    pub async fn new(backend: Backend) -> Harness {
-        Harness::with(backend, Pricing::default(), 5).await
-    }
-
-    pub async fn with(backend: Backend, pricing: Pricing, max_connections: u32) -> Harness {
-        let test_db = TestDb::new(backend, max_connections).await;
-        let clock = ManualClock::new(start_time());
-        let ledger = Ledger::new(
-            test_db.db.clone(),
-            Arc::new(pricing),
-            Arc::new(clock.clone()),
-        );
-        Harness {
-            test_db,
-            ledger,
-            clock,
-        }
-    }
-}
+pub use kiln_ledger::testing::{DAY, HOUR, Harness, TestDb, start_time};
