@@ -68,17 +68,71 @@ pub fn unique_name() -> String {
 /// Wakes an idle SQLite worker every `interval` to look for tasks. (apalis's own
 /// `IntervalStrategy` re-arms its timer without polling it, so after the first tick nothing wakes
 /// the worker until its heartbeat: a job queued behind another waited ~5 s.)
+/// Once the process is stopping it fires no more: no new fetch starts.
 #[derive(Debug)]
 struct Tick {
     interval: Duration,
     sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    draining: Arc<Draining>,
 }
 
 impl Tick {
-    fn new(interval: Duration) -> Tick {
+    fn new(interval: Duration, draining: Arc<Draining>) -> Tick {
         Tick {
             interval,
             sleep: Box::pin(tokio::time::sleep(interval)),
+            draining,
+        }
+    }
+}
+
+/// Whether the process is stopping, and how many kits run in it. On SQLite apalis is told to
+/// stop only once no kit runs: apalis-sqlite fetches inside a transaction, and a fetch caught
+/// mid-transaction when apalis stops polling keeps the database's one write lock until apalis
+/// lets go of it — after the running kits, which need that lock for every progress, lease and
+/// finishing write: a deadlock until the grace period ran out (1 shutdown in 5 in the worker
+/// suite). So on SQLite, stopping first stops new fetches (`Tick`), waits for the running kits,
+/// then stops apalis.
+#[derive(Debug, Default)]
+struct Draining {
+    stopping: std::sync::atomic::AtomicBool,
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// A kit running: counted until dropped.
+struct Running<'a>(&'a Draining);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Draining {
+    fn enter(&self) -> Running<'_> {
+        self.running
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Running(self)
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Until no kit runs.
+    async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
         }
     }
 }
@@ -90,6 +144,9 @@ impl apalis_core::backend::ext::poll_strategy::PollStrategy for Tick {
         _: &apalis_core::backend::ext::poll_strategy::PollSnapshot,
     ) -> std::task::Poll<Option<()>> {
         use std::future::Future;
+        if self.draining.is_stopping() {
+            return std::task::Poll::Pending;
+        }
         let mut fired = false;
         // Re-arm and poll again until the timer is pending, so a waker is always registered.
         while self.sleep.as_mut().poll(cx).is_ready() {
@@ -115,8 +172,10 @@ async fn handle(
     task: KitTask,
     id: TaskId,
     deps: Data<Arc<Deps>>,
+    draining: Data<Arc<Draining>>,
     worker: WorkerContext,
 ) -> Result<(), BoxDynError> {
+    let _running = draining.enter();
     let task_id = id.to_string().parse()?;
     match job::run(&deps, &task.job, &task_id, &WorkerName::new(worker.name())).await {
         Ok(outcome) => {
@@ -137,6 +196,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     let deps = Arc::new(deps);
+    let draining = Arc::new(Draining::default());
+    let sqlite = matches!(deps.ledger.db(), Db::Sqlite(_));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
     {
@@ -151,12 +212,21 @@ pub async fn run(
         let name = format!("{}-{}", cfg.name, kit.as_str());
         let signal = {
             let mut rx = stop_rx.clone();
+            let draining = draining.clone();
             async move {
                 let _ = rx.wait_for(|s| *s).await;
+                draining
+                    .stopping
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                // See `Draining`: on SQLite, apalis stops after the running kits.
+                if sqlite {
+                    draining.idle().await;
+                }
                 Ok::<(), std::io::Error>(())
             }
         };
         let deps = deps.clone();
+        let draining = draining.clone();
         let cfg = cfg.clone();
         let kit = *kit;
         set.spawn(async move {
@@ -166,6 +236,7 @@ pub async fn run(
                     WorkerBuilder::new(name.as_str())
                         .backend($backend)
                         .data(deps.clone())
+                        .data(draining.clone())
                         .concurrency(cfg.concurrency)
                         .build(handle)
                         .run_until(signal)
@@ -192,7 +263,7 @@ pub async fn run(
                         .missed_heartbeats(cfg.missed_heartbeats);
                     let backend = apalis_core::backend::ext::poll_strategy::PollWith::new(
                         apalis_sqlite::SqliteStorage::<KitTask>::new(pool).with_config(config),
-                        Tick::new(cfg.poll),
+                        Tick::new(cfg.poll, draining.clone()),
                     );
                     work!(backend)
                 }
