@@ -92,6 +92,27 @@ macro_rules! reservation_sums {
     };
 }
 
+#[derive(sqlx::FromRow)]
+struct HoldCheck {
+    id: String,
+    account_id: String,
+    status: String,
+    r_account: String,
+    r_state: String,
+    r_action: String,
+    action: String,
+}
+
+macro_rules! hold_checks {
+    ($filter:literal) => {
+        concat!(
+            "SELECT h.id, h.account_id, h.status, h.action, r.account_id AS r_account, r.state AS r_state, \
+    r.action AS r_action FROM holds h JOIN reservations r ON r.id = h.reservation_id",
+            $filter
+        )
+    };
+}
+
 /// Runs one of the queries above for every account, or for the one given.
 macro_rules! fetch_sums {
     ($tx:expr, $query:ident, $one:literal, $account:expr) => {
@@ -111,6 +132,8 @@ pub async fn audit(tx: &mut Tx, account: Option<AccountId>) -> Result<Vec<Breach
     let grants: Vec<GrantSums> = fetch_sums!(tx, grant_sums, " WHERE g.account_id = $1", account);
     let reservations: Vec<ReservationSums> =
         fetch_sums!(tx, reservation_sums, " WHERE r.account_id = $1", account);
+
+    let holds: Vec<HoldCheck> = fetch_sums!(tx, hold_checks, " WHERE h.account_id = $1", account);
 
     let mut out = Vec::new();
     let mut breach = |account: &str, what: String| {
@@ -198,6 +221,21 @@ pub async fn audit(tx: &mut Tx, account: Option<AccountId>) -> Result<Vec<Breach
                 format!(
                     "reservation {}: amount {} but parts sum to {} (exempt {})",
                     r.id, r.amount, r.parts, r.exempt
+                ),
+            );
+        }
+    }
+    for h in &holds {
+        let agrees = h
+            .status
+            .parse::<crate::HoldStatus>()
+            .is_ok_and(|s| s.reservation_state().as_str() == h.r_state);
+        if !agrees || h.r_account != h.account_id || h.r_action != h.action {
+            breach(
+                &h.account_id,
+                format!(
+                    "hold {} is {} for {} but its reservation is {} for {} on account {}",
+                    h.id, h.status, h.action, h.r_state, h.r_action, h.r_account
                 ),
             );
         }

@@ -3,7 +3,7 @@
 
 use kiln_core::{AccountId, Credits, CreditsError, PlanId};
 
-use crate::{ReservationId, ReservationState};
+use crate::{HoldId, HoldStatus, ReservationId, ReservationState};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -27,6 +27,14 @@ pub enum LedgerError {
         id: ReservationId,
         state: ReservationState,
     },
+    #[error("hold {0} not found")]
+    HoldNotFound(HoldId),
+    #[error("hold {id} is already {status}")]
+    HoldResolved { id: HoldId, status: HoldStatus },
+    #[error("hold {0} has expired: its credits went back and it can no longer be captured")]
+    HoldExpired(HoldId),
+    #[error("expires_in_s must be between {min_s} and {max_s} seconds")]
+    BadHoldExpiry { min_s: i64, max_s: i64 },
     #[error("unknown top-up pack {pack:?}; expected one of: {expected}")]
     UnknownPack { pack: String, expected: String },
     #[error("the {0} plan needs a monthly allowance (--allowance)")]

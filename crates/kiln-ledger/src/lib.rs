@@ -22,13 +22,15 @@ pub use error::LedgerError;
 pub use kiln_core::CreditsError;
 pub use kiln_core::{AccountId, Action, CreditKind, Credits, PlanId, Pricing, Timestamp};
 pub use ops::{
-    Ctx, Totals, account, account_by_api_key, balance, charge, check_key, commit, create_account,
-    due_accounts, grants, journal, optimistic, quote, release, renew, reservation, reserve,
-    reserve_locked, topup, totals,
+    Ctx, DEFAULT_HOLD_MS, HOLD_MS_RANGE, Totals, account, account_by_api_key, balance, charge,
+    check_key, commit, create_account, create_hold, due_accounts, due_holds, expire_hold, grants,
+    hold, journal, optimistic, quote, release, renew, reservation, reserve, reserve_locked,
+    resolve_hold, topup, totals,
 };
 pub use types::{
-    Account, Balance, CreatedAccount, EntryType, Grant, GrantId, JournalEntry, JournalPage,
-    KindBalance, NewAccount, Operation, Quote, Reservation, ReservationId, ReservationState,
+    Account, Balance, CreatedAccount, EntryType, Grant, GrantId, Hold, HoldId, HoldStatus,
+    JournalEntry, JournalPage, KindBalance, NewAccount, Operation, Quote, Reservation,
+    ReservationId, ReservationState,
 };
 
 /// Where the ledger reads the time. Production uses the system clock; tests move a manual one.
@@ -210,6 +212,62 @@ impl Ledger {
             }
         }
         Ok(report)
+    }
+
+    /// A hold for a tool call (`true` when new; the same key again returns the same hold).
+    pub async fn create_hold(
+        &self,
+        id: AccountId,
+        action: Action,
+        key: &str,
+        expires_in_ms: Option<i64>,
+    ) -> Result<(Hold, bool), LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::create_hold(
+            tx,
+            &ctx,
+            id,
+            action,
+            key,
+            expires_in_ms
+        ))
+    }
+
+    /// The account's hold `hold` (`account` `None`: anyone's).
+    pub async fn hold(
+        &self,
+        account: Option<AccountId>,
+        hold: HoldId,
+    ) -> Result<Hold, LedgerError> {
+        in_tx!(self, begin_read, |tx, _ctx| ops::hold(tx, account, hold))
+    }
+
+    /// Captures or voids a hold, once ([`ops::resolve_hold`]).
+    pub async fn resolve_hold(
+        &self,
+        account: AccountId,
+        hold: HoldId,
+        to: HoldStatus,
+    ) -> Result<Hold, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::resolve_hold(
+            tx, &ctx, account, hold, to
+        ))
+    }
+
+    /// Expires every hold past its expiry that nobody resolved, one transaction each, at most
+    /// `limit`. Returns how many this call expired: with several processes doing the same, each
+    /// hold is expired by exactly one of them.
+    pub async fn expire_holds(&self, limit: u32) -> Result<u32, LedgerError> {
+        let due = in_tx!(self, begin_read, |tx, ctx| ops::due_holds(
+            tx, ctx.now, limit
+        ))?;
+        let mut expired = 0;
+        for id in due {
+            if in_tx!(self, begin, |tx, ctx| ops::expire_hold(tx, &ctx, id))? {
+                tracing::info!(hold_id = %id, "hold expired: credits released");
+                expired += 1;
+            }
+        }
+        Ok(expired)
     }
 
     pub async fn balance(&self, id: AccountId) -> Result<Balance, LedgerError> {

@@ -196,3 +196,99 @@ pub struct JournalPage {
     /// Pass as `after` to read the next page; `None` on the last page.
     pub next_after: Option<i64>,
 }
+
+/// A hold for a tool call. Displayed and stored as its 26-character ULID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct HoldId(ulid::Ulid);
+
+impl HoldId {
+    pub fn generate() -> HoldId {
+        HoldId(ulid::Ulid::generate())
+    }
+}
+
+impl std::str::FromStr for HoldId {
+    type Err = kiln_core::IdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ulid::Ulid::from_string(s.trim())
+            .map(HoldId)
+            .map_err(|_| kiln_core::IdError {
+                what: "hold",
+                value: s.to_owned(),
+            })
+    }
+}
+
+impl fmt::Display for HoldId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where a hold stands. Only `Held` moves, and only once: to `Captured` (its reservation
+/// committed), `Voided` (released on request) or `Expired` (released by maintenance at its
+/// expiry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldStatus {
+    Held,
+    Captured,
+    Voided,
+    Expired,
+}
+
+impl HoldStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            HoldStatus::Held => "held",
+            HoldStatus::Captured => "captured",
+            HoldStatus::Voided => "voided",
+            HoldStatus::Expired => "expired",
+        }
+    }
+
+    /// The state the hold's reservation must be in.
+    pub const fn reservation_state(self) -> ReservationState {
+        match self {
+            HoldStatus::Held => ReservationState::Held,
+            HoldStatus::Captured => ReservationState::Committed,
+            HoldStatus::Voided | HoldStatus::Expired => ReservationState::Released,
+        }
+    }
+}
+
+impl fmt::Display for HoldStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for HoldStatus {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Ok(match s {
+            "held" => HoldStatus::Held,
+            "captured" => HoldStatus::Captured,
+            "voided" => HoldStatus::Voided,
+            "expired" => HoldStatus::Expired,
+            _ => return Err(()),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Hold {
+    pub id: HoldId,
+    pub account_id: AccountId,
+    pub idempotency_key: String,
+    pub action: Action,
+    /// Credits held, then charged on capture: 0 for exempt (admin) accounts.
+    pub amount: Credits,
+    pub list_price: Credits,
+    pub status: HoldStatus,
+    pub reservation_id: ReservationId,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub resolved_at: Option<Timestamp>,
+}

@@ -8,12 +8,14 @@
 //! - `reserve`: holds drawn in burn-down order (the locking path), idempotent by key
 //! - `optimistic`: PostgreSQL's lock-free reserve (one read, one guarded write)
 //! - `resolve`: commit and release, each at most once
+//! - `holds`: holds for tool calls: a reservation with an expiry, captured or voided once
 //! - `grants`: grants, renewal on access and by schedule, top-ups
 //! - `journal`: the locked account, its totals and journal entries, saved together; the journal read
 //! - `rows`: stored rows and their parsing
 
 mod accounts;
 mod grants;
+mod holds;
 mod journal;
 pub mod optimistic;
 mod reserve;
@@ -26,6 +28,9 @@ use crate::LedgerError;
 
 pub use accounts::{account, account_by_api_key, balance, create_account, quote, totals};
 pub use grants::{due_accounts, grants, renew, topup};
+pub use holds::{
+    DEFAULT_HOLD_MS, HOLD_MS_RANGE, create_hold, due_holds, expire_hold, hold, resolve_hold,
+};
 pub use journal::{Totals, journal};
 pub use reserve::{charge, reservation, reserve, reserve_locked};
 pub(crate) use resolve::commit_pg;
@@ -40,7 +45,7 @@ mod prelude {
     };
     pub(crate) use sha2::{Digest, Sha256};
 
-    pub(crate) use super::{Ctx, Result, check_key};
+    pub(crate) use super::{Ctx, Result, check_key, commit, release};
     pub(crate) use super::{
         accounts::*, grants::*, journal::*, optimistic::*, reserve::*, rows::*,
     };
