@@ -14,36 +14,82 @@ use serde_json::Value;
 struct Served {
     base: String,
     app: App,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _stop: tokio::sync::watch::Sender<bool>,
     _dir: kiln_e2e::Scratch,
+    _s3: Option<kiln_e2e::S3Server>,
 }
 
-async fn serve(database_url: &str) -> Served {
+/// `kiln serve` in-process on `database_url`: PostgreSQL with s3s-fs, SQLite with the local
+/// store; with `work`, kit workers beside it.
+async fn serve_with(database_url: &str, work: bool) -> Served {
     kiln_e2e::init_test_log();
     let dir = kiln_e2e::Scratch::new();
-    let storage = dir.0.join("objects");
-    let settings = Settings::load_from(
-        None,
-        &[
-            ("KILN_DATABASE_URL", database_url),
-            ("KILN_STORAGE", storage.to_str().expect("utf-8 path")),
-        ],
-    )
-    .expect("settings");
+    let local = dir.0.join("objects");
+    let s3 = database_url
+        .starts_with("postgres")
+        .then(kiln_e2e::S3Server::start);
+    let mut env = vec![
+        ("KILN_DATABASE_URL", database_url.to_owned()),
+        ("KILN_SUBMIT_BURST", "1000".to_owned()),
+        ("KILN_RETRY_BASE_MS", "200".to_owned()),
+    ];
+    match &s3 {
+        Some(s3) => env.extend([
+            ("KILN_STORAGE", "s3://kiln-test".to_owned()),
+            ("KILN_S3_ENDPOINT", s3.endpoint.clone()),
+            ("KILN_S3_REGION", "us-east-1".to_owned()),
+            ("KILN_S3_ACCESS_KEY_ID", kiln_e2e::S3_ACCESS_KEY.to_owned()),
+            (
+                "KILN_S3_SECRET_ACCESS_KEY",
+                kiln_e2e::S3_SECRET_KEY.to_owned(),
+            ),
+        ]),
+        None => env.push((
+            "KILN_STORAGE",
+            local.to_str().expect("utf-8 path").to_owned(),
+        )),
+    }
+    let settings = Settings::load_from(None, &MapEnv(env)).expect("settings");
     let app = App::build(settings, Migrate::Yes).await.expect("build");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let (addr, server) = app
-        .serve("127.0.0.1:0", async move {
-            let _ = stopped.await;
-        })
+        .serve("127.0.0.1:0", until_stopped(stopped.clone()))
         .await
         .expect("bind");
     tokio::spawn(server);
+    if work {
+        let opts = kiln::WorkOptions {
+            queues: vec![Kit::Essentials, Kit::Caratzon],
+            concurrency: 1,
+            grace: Duration::from_secs(30),
+        };
+        let (app, stopped) = (app.clone(), until_stopped(stopped.clone()));
+        tokio::spawn(async move { app.work(opts, stopped).await });
+    }
     Served {
         base: format!("http://{addr}"),
         app,
         _stop: stop,
         _dir: dir,
+        _s3: s3,
+    }
+}
+
+async fn serve(database_url: &str) -> Served {
+    serve_with(database_url, false).await
+}
+
+struct MapEnv(Vec<(&'static str, String)>);
+
+impl kiln::settings::Env for MapEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
     }
 }
 
@@ -520,4 +566,372 @@ async fn racing_orders_on_the_embedded_default() {
 async fn racing_orders_on_postgres() {
     let pg = kiln_e2e::PgDb::new();
     races(&pg.url).await;
+}
+
+/// Until `n` requests besides the scrape itself are being served (e.g. a long-poll waiting).
+async fn wait_for_in_flight(s: &Served, n: u64) {
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = client
+            .get(format!("{}/metrics", s.base))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("text");
+        let in_flight = text
+            .lines()
+            .find_map(|l| l.strip_prefix("kiln_http_requests_in_flight "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("the in-flight gauge");
+        if in_flight > n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} requests never in flight"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn put(s: &Served, path: &str, key: Option<&str>, body: Value) -> (u16, Value) {
+    send(s, reqwest::Method::PUT, path, key, Some(body)).await
+}
+
+/// Holds for tool calls, and the operator routes: who may touch what, once-only resolution,
+/// 402 when short, the balance and journal after each step.
+async fn holds_and_admin(database_url: &str) {
+    let s = serve(database_url).await;
+    let (id, key) = account(&s, false).await;
+    let (_, other_key) = account(&s, false).await;
+    let image = s
+        .app
+        .ledger()
+        .pricing()
+        .cost(kiln_core::Action::Image)
+        .as_i64();
+    let hold = |k: &str, action: &str, extra: Value| {
+        let mut body = serde_json::json!({ "action": action, "idempotency_key": k });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        body
+    };
+    let (status, h) = post(
+        &s,
+        "/v1/holds",
+        Some(&key),
+        hold("h1", "image", Value::Null),
+    )
+    .await;
+    assert_eq!(status, 201, "{h}");
+    assert_eq!(
+        (&h["status"], &h["amount"]),
+        (&"held".into(), &image.into()),
+        "{h}"
+    );
+    let hid = h["id"].as_str().expect("hold id").to_owned();
+    let (status, again) = post(
+        &s,
+        "/v1/holds",
+        Some(&key),
+        hold("h1", "image", Value::Null),
+    )
+    .await;
+    assert_eq!((status, &again["id"]), (200, &h["id"]), "a replay: {again}");
+    let (status, body) = post(
+        &s,
+        "/v1/holds",
+        Some(&key),
+        hold("h1", "video", Value::Null),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_error(&body, "idempotency_conflict");
+    assert_eq!(held(&s, &key).await, (200 - image, image));
+
+    // Another account's hold does not exist for them; nor does a made-up one.
+    for path in [
+        format!("/v1/holds/{hid}"),
+        "/v1/holds/not-a-hold".to_owned(),
+    ] {
+        let (status, body) = get(&s, &path, Some(&other_key)).await;
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+    let (status, _) = post(
+        &s,
+        &format!("/v1/holds/{hid}/capture"),
+        Some(&other_key),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    let (status, c) = post(
+        &s,
+        &format!("/v1/holds/{hid}/capture"),
+        Some(&key),
+        Value::Null,
+    )
+    .await;
+    assert_eq!((status, &c["status"]), (200, &"captured".into()), "{c}");
+    let (status, again) = post(
+        &s,
+        &format!("/v1/holds/{hid}/capture"),
+        Some(&key),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(
+        (status, &again["status"]),
+        (200, &"captured".into()),
+        "a no-op: {again}"
+    );
+    let (status, body) = post(
+        &s,
+        &format!("/v1/holds/{hid}/void"),
+        Some(&key),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_error(&body, "hold_resolved");
+    assert_eq!(held(&s, &key).await, (200 - image, 0));
+
+    // Bad input: 422 naming the problem; short: 402 with the packs. Nothing held.
+    for (body, code) in [
+        (
+            hold("h2", "image", serde_json::json!({ "expires_in_s": 0 })),
+            "invalid_request",
+        ),
+        (hold("h2", "teleport", Value::Null), "invalid_request"),
+        (serde_json::json!({ "action": "image" }), "invalid_request"),
+    ] {
+        let (status, b) = post(&s, "/v1/holds", Some(&key), body).await;
+        assert_eq!(status, 422, "{b}");
+        assert_error(&b, code);
+    }
+    for i in 0..2 {
+        let (status, b) = post(
+            &s,
+            "/v1/holds",
+            Some(&other_key),
+            hold(&format!("big{i}"), "caratzon_kit", Value::Null),
+        )
+        .await;
+        assert_eq!(status, 201, "{b}");
+    }
+    let (status, b) = post(
+        &s,
+        "/v1/holds",
+        Some(&other_key),
+        hold("big2", "caratzon_kit", Value::Null),
+    )
+    .await;
+    assert_short(status, &b, 100, 0, 100);
+
+    // Operator routes: 403 for members, 404 for no such account, then they work.
+    let (_, admin_key) = account(&s, true).await;
+    let plan = serde_json::json!({ "plan": "source" });
+    let grant = serde_json::json!({ "credits": 50, "reference": "goodwill-1" });
+    let plan_path = format!("/v1/admin/accounts/{id}/plan");
+    let grant_path = format!("/v1/admin/accounts/{id}/grants");
+    let (status, body) = put(&s, &plan_path, Some(&key), plan.clone()).await;
+    assert_eq!(status, 403, "{body}");
+    assert_error(&body, "forbidden");
+    let (status, _) = post(&s, &grant_path, Some(&key), grant.clone()).await;
+    assert_eq!(status, 403);
+    let nobody = kiln_core::AccountId::new();
+    let (status, _) = post(
+        &s,
+        &format!("/v1/admin/accounts/{nobody}/grants"),
+        Some(&admin_key),
+        grant.clone(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let before = held(&s, &key).await.0;
+    let (status, g) = post(&s, &grant_path, Some(&admin_key), grant.clone()).await;
+    assert_eq!((status, &g["amount"]), (201, &50.into()), "{g}");
+    let (status, g2) = post(&s, &grant_path, Some(&admin_key), grant).await;
+    assert_eq!(
+        (status, &g2["id"]),
+        (201, &g["id"]),
+        "idempotent by reference: {g2}"
+    );
+    let (status, body) = post(
+        &s,
+        &grant_path,
+        Some(&admin_key),
+        serde_json::json!({ "credits": 60, "reference": "goodwill-1" }),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(held(&s, &key).await.0, before + 50, "granted once");
+    let (status, a) = put(&s, &plan_path, Some(&admin_key), plan).await;
+    assert_eq!((status, &a["plan"]), (200, &"source".into()), "{a}");
+    let source = s
+        .app
+        .ledger()
+        .pricing()
+        .plan(PlanId::Source)
+        .monthly_credits
+        .map_or(0, |c| c.as_i64());
+    assert_eq!(
+        held(&s, &key).await.0,
+        before + 50 + source,
+        "the new plan's allowance for this cycle"
+    );
+    let (status, body) = put(
+        &s,
+        &plan_path,
+        Some(&admin_key),
+        serde_json::json!({ "plan": "source", "monthly_allowance": 5 }),
+    )
+    .await;
+    assert_eq!(status, 422, "only enterprise sets an allowance: {body}");
+
+    let mut tx = s.app.ledger().db().begin_read().await.expect("begin");
+    let breaches = kiln_jobs::audit(&mut tx, None).await.expect("audit");
+    assert!(breaches.is_empty(), "{breaches:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_and_admin_on_the_embedded_default() {
+    let dir = kiln_e2e::Scratch::new();
+    holds_and_admin(&format!("sqlite://{}/kiln.db", dir.0.display())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_and_admin_on_postgres() {
+    let pg = kiln_e2e::PgDb::new();
+    holds_and_admin(&pg.url).await;
+}
+
+/// A kit from order to files: the long-poll answers on each change until it succeeds, the
+/// assets come with signed URLs that fetch exactly the bytes the manifest names (local store:
+/// served by kiln, a tampered link refused; S3: presigned from s3s-fs); another account sees
+/// none of it. A queued job's long-poll answers when it is cancelled.
+async fn kit_to_files(database_url: &str) {
+    let s = serve_with(database_url, true).await;
+    let (_, key) = account(&s, false).await;
+    let (_, other_key) = account(&s, false).await;
+    let spec = kiln_assets::sample::SPEC_JSON;
+    let jpeg = kiln_assets::encode_jpeg(&kiln_assets::sample::ring(700), 90).expect("jpeg");
+    let (status, body) = post_kit(&s, &key, None, jpeg, spec, "essentials").await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["job"]["id"].as_str().expect("id").to_owned();
+    let mut last = body["job"].clone();
+    let mut seen = vec![last["status"].as_str().unwrap_or_default().to_owned()];
+    let mut answers = 0;
+    while last["status"] != "succeeded" {
+        assert!(answers < 100, "no end in sight: {last}");
+        let (status, now) = get(&s, &format!("/v1/jobs/{id}?wait=30"), Some(&key)).await;
+        assert_eq!(status, 200, "{now}");
+        assert_ne!(now, last, "a long-poll answers with a change");
+        assert!(
+            !["failed", "cancelled"].contains(&now["status"].as_str().unwrap_or_default()),
+            "{now}"
+        );
+        seen.push(now["status"].as_str().unwrap_or_default().to_owned());
+        last = now;
+        answers += 1;
+    }
+    assert!(seen.contains(&"running".to_owned()), "saw it run: {seen:?}");
+    assert_eq!(
+        last["progress"]["done"], last["progress"]["total"],
+        "{last}"
+    );
+    // A finished job answers at once, wait or not.
+    let (_, again) = get(&s, &format!("/v1/jobs/{id}?wait=30"), Some(&key)).await;
+    assert_eq!(again, last);
+
+    let (status, body) = get(&s, &format!("/v1/jobs/{id}/assets"), Some(&other_key)).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, manifest) = get(&s, &format!("/v1/jobs/{id}/assets"), Some(&key)).await;
+    assert_eq!(status, 200, "{manifest}");
+    let assets = manifest["assets"].as_array().expect("assets");
+    assert!(assets.len() >= 5, "{manifest}");
+    let client = reqwest::Client::new();
+    for a in assets {
+        let url = a["url"].as_str().expect("url");
+        let resp = client.get(url).send().await.expect("GET asset");
+        assert_eq!(resp.status().as_u16(), 200, "{url}");
+        let bytes = resp.bytes().await.expect("body");
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        assert_eq!(a["sha256"], sha.as_str(), "{url}");
+    }
+    let first = assets[0]["url"].as_str().expect("url");
+    if first.starts_with(&s.base) {
+        let tampered = first.replace("signature=", "signature=00");
+        let resp = client.get(&tampered).send().await.expect("GET");
+        assert_eq!(resp.status().as_u16(), 403, "{tampered}");
+        let other_key_path = first.replace("photos", "copy");
+        let resp = client.get(&other_key_path).send().await.expect("GET");
+        assert_eq!(
+            resp.status().as_u16(),
+            403,
+            "a signature covers one key only"
+        );
+    }
+
+    // Cancelled while someone waits: the waiter hears at once. The worker may take the job
+    // first; then the waiter hears of that instead.
+    let (_, big_key) = account(&s, false).await;
+    let jpeg = kiln_assets::encode_jpeg(&kiln_assets::sample::ring(400), 85).expect("jpeg");
+    let mut queued = None;
+    for _ in 0..3 {
+        let (status, body) = post_kit(&s, &big_key, None, jpeg.clone(), spec, "essentials").await;
+        assert_eq!(status, 202, "{body}");
+        queued = Some(body["job"]["id"].as_str().expect("id").to_owned());
+    }
+    let last_id = queued.expect("an order");
+    let waiter = {
+        let (base, key, id) = (s.base.clone(), big_key.clone(), last_id.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let resp = reqwest::Client::new()
+                .get(format!("{base}/v1/jobs/{id}?wait=50"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("GET");
+            (started.elapsed(), resp.json::<Value>().await.expect("json"))
+        })
+    };
+    wait_for_in_flight(&s, 1).await;
+    let (status, body) = post(
+        &s,
+        &format!("/v1/jobs/{last_id}/cancel"),
+        Some(&big_key),
+        Value::Null,
+    )
+    .await;
+    let (took, seen) = waiter.await.expect("waiter");
+    if status == 200 {
+        assert_eq!(seen["status"], "cancelled", "{seen}");
+    } else {
+        // The worker took it first: the waiter heard of that instead.
+        assert_eq!(status, 409, "{body}");
+        assert_ne!(seen["status"], "queued", "{seen}");
+    }
+    assert!(
+        took < Duration::from_secs(45),
+        "answered on the change, not at the deadline ({took:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kit_to_files_on_the_embedded_default() {
+    let dir = kiln_e2e::Scratch::new();
+    kit_to_files(&format!("sqlite://{}/kiln.db", dir.0.display())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kit_to_files_on_postgres_and_s3() {
+    let pg = kiln_e2e::PgDb::new();
+    kit_to_files(&pg.url).await;
 }

@@ -17,6 +17,8 @@ pub struct ApiError {
     pub message: String,
     /// More fields of the error object (e.g. `needed`, `available`, `shortfall`).
     pub extra: serde_json::Map<String, Value>,
+    /// Seconds, sent as `Retry-After` (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -26,6 +28,7 @@ impl ApiError {
             code,
             message: message.into(),
             extra: serde_json::Map::new(),
+            retry_after: None,
         }
     }
 
@@ -51,7 +54,8 @@ impl ApiError {
 
     /// Something on our side failed: logged in full under a request id, the client gets the id.
     pub fn internal(cause: &dyn std::fmt::Display) -> ApiError {
-        let request_id = ulid::Ulid::generate().to_string();
+        let request_id =
+            crate::observe::request_id().unwrap_or_else(|| ulid::Ulid::generate().to_string());
         tracing::error!(request_id, "internal error: {cause}");
         let mut e = ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -68,14 +72,21 @@ impl IntoResponse for ApiError {
         let mut body = self.extra;
         body.insert("code".into(), self.code.into());
         body.insert("message".into(), self.message.into());
-        (self.status, Json(json!({ "error": body }))).into_response()
+        let mut resp = (self.status, Json(json!({ "error": body }))).into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        resp
     }
 }
 
 impl From<LedgerError> for ApiError {
     fn from(e: LedgerError) -> ApiError {
         match e {
-            LedgerError::AccountNotFound(_) | LedgerError::ReservationNotFound(_) => {
+            LedgerError::AccountNotFound(_)
+            | LedgerError::ReservationNotFound(_)
+            | LedgerError::HoldNotFound(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
             LedgerError::InsufficientCredits {
@@ -99,8 +110,17 @@ impl From<LedgerError> for ApiError {
             LedgerError::AlreadyResolved { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "already_resolved", e.to_string())
             }
+            LedgerError::HoldResolved { status, .. } => {
+                let mut err = ApiError::new(StatusCode::CONFLICT, "hold_resolved", e.to_string());
+                err.extra.insert("status".into(), json!(status));
+                err
+            }
+            LedgerError::HoldExpired(_) => {
+                ApiError::new(StatusCode::CONFLICT, "hold_expired", e.to_string())
+            }
             LedgerError::UnknownPack { .. }
             | LedgerError::BadKey { .. }
+            | LedgerError::BadHoldExpiry { .. }
             | LedgerError::InvalidAmount(_)
             | LedgerError::AllowanceRequired(_)
             | LedgerError::AllowanceNotAllowed(_) => ApiError::new(

@@ -1,15 +1,26 @@
 //! kiln's HTTP API (DESIGN.md §6), on axum: the router over a job queue and an object store.
-//! This first part serves liveness and readiness, the price list, the caller's own account and
-//! balance, and their kit jobs; every answer that is not a success has the one error shape
-//! (`error`). `Authorization: Bearer <api key>` names the caller; anything owned by another
-//! account is 404, as if it did not exist.
+//! Every answer that is not a success has the one error shape (`error`). `Authorization: Bearer
+//! <api key>` names the caller; anything owned by another account is 404, as if it did not
+//! exist.
+//!
+//! - `lib`: the router, the caller extractors, accounts, balances, quotes, charges, kits, jobs
+//! - `holds`: holds for tool calls
+//! - `assets`: a kit's files behind signed URLs
+//! - `admin`: operator actions
+//! - `limit`: the per-account submission rate limit
+//! - `observe`: request ids, spans, `/metrics`
 
+mod admin;
+mod assets;
 mod error;
+mod holds;
+mod limit;
+pub mod observe;
 
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use kiln_core::{Action, Credits, Kit, PlanId};
 use kiln_jobs::{JobId, JobStatus, JobView, Queue};
@@ -20,18 +31,68 @@ use serde_json::{Value, json};
 
 pub use error::ApiError;
 
+/// What the API is built from.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Deliveries of a kit job before it fails and releases.
+    pub max_attempts: u32,
+    /// Submissions (kit orders, holds) an account may send at once, then per minute.
+    pub submit_burst: u32,
+    pub submit_per_minute: u32,
+}
+
 /// What the handlers share.
 #[derive(Clone, Debug)]
 pub struct Api {
     pub queue: Queue,
     pub storage: Storage,
-    /// Deliveries of a kit job before it fails and releases.
     pub max_attempts: u32,
+    limiter: std::sync::Arc<limit::RateLimiter>,
+    metrics: std::sync::Arc<observe::Metrics>,
+}
+
+impl Api {
+    pub fn new(queue: Queue, storage: Storage, cfg: &ApiConfig) -> Api {
+        Api {
+            queue,
+            storage,
+            max_attempts: cfg.max_attempts,
+            limiter: std::sync::Arc::new(limit::RateLimiter::new(
+                cfg.submit_burst,
+                cfg.submit_per_minute,
+            )),
+            metrics: std::sync::Arc::default(),
+        }
+    }
+
+    /// One submission by `account`, or 429 with `Retry-After`.
+    fn limit(&self, account: kiln_core::AccountId) -> Result<(), ApiError> {
+        self.limiter.take(account).map_err(|wait| {
+            self.metrics.rate_limited();
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many submissions: try again in {secs} s"),
+            );
+            e.retry_after = Some(secs);
+            e
+        })
+    }
 }
 
 /// Every route, over `api`.
 pub fn router(api: Api) -> Router {
     Router::new()
+        .route("/metrics", get(observe::metrics))
+        .route("/v1/holds", post(holds::create))
+        .route("/v1/holds/{id}", get(holds::get))
+        .route("/v1/holds/{id}/capture", post(holds::capture))
+        .route("/v1/holds/{id}/void", post(holds::void))
+        .route("/v1/jobs/{id}/assets", get(assets::assets))
+        .route("/v1/objects/{*key}", get(assets::object))
+        .route("/v1/admin/accounts/{id}/plan", put(admin::set_plan))
+        .route("/v1/admin/accounts/{id}/grants", post(admin::grant))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/prices", get(prices))
@@ -54,6 +115,10 @@ pub fn router(api: Api) -> Router {
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .fallback(|| async { ApiError::not_found("route") })
+        .layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            observe::layer,
+        ))
         .with_state(api)
 }
 
@@ -74,7 +139,10 @@ impl FromRequestParts<Api> for Caller {
             .filter(|k| !k.is_empty())
             .ok_or_else(ApiError::unauthorized)?;
         match api.queue.ledger().account_by_api_key(key).await? {
-            Some(a) => Ok(Caller(a)),
+            Some(a) => {
+                observe::record("account_id", &a.id);
+                Ok(Caller(a))
+            }
             None => Err(ApiError::unauthorized()),
         }
     }
@@ -162,18 +230,72 @@ async fn balance(State(api): State<Api>, Caller(a): Caller) -> Result<Json<Value
     Ok(Json(json!(b)))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobQuery {
+    /// Seconds to wait for the job to change (at most 60); answered at once without it.
+    wait: Option<u64>,
+}
+
+/// The longest long-poll.
+const MAX_WAIT_S: u64 = 60;
+
+/// The caller's job; with `?wait=S`, answered as soon as the job changes (or after S seconds,
+/// unchanged). A finished job answers at once.
 async fn job(
     State(api): State<Api>,
     Caller(a): Caller,
     Path(id): Path<String>,
+    query: Result<Query<JobQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<JobView>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     // An id that is not a ULID names no job at all.
     let id: JobId = id.parse().map_err(|_| ApiError::not_found("job"))?;
-    let mut tx = api.queue.ledger().db().begin_read().await?;
-    let found = kiln_jobs::job(&mut tx, &id).await?;
-    match found.filter(|j| j.account_id == a.id) {
-        Some(j) => Ok(Json(j.view())),
-        None => Err(ApiError::not_found(format_args!("job {id}"))),
+    observe::record("job_id", &id);
+    // Subscribed before the first read, so a change just after it is not missed.
+    let mut changes = kiln_jobs::events::subscribe();
+    let read = |api: &Api| {
+        let (api, id) = (api.clone(), id.clone());
+        async move {
+            let mut tx = api.queue.ledger().db().begin_read().await?;
+            let found = kiln_jobs::job(&mut tx, &id).await?;
+            match found.filter(|j| j.account_id == a.id) {
+                Some(j) => Ok(j.view()),
+                None => Err(ApiError::not_found(format_args!("job {id}"))),
+            }
+        }
+    };
+    let first = read(&api).await?;
+    let wait = q.wait.unwrap_or(0).min(MAX_WAIT_S);
+    if wait == 0 || first.status.is_terminal() {
+        return Ok(Json(first));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+    // SQLite has no cross-process notifications: a worker in another process (or the
+    // reconciler) changes jobs unannounced, so look again now and then as well.
+    let recheck = match api.queue.ledger().db().backend() {
+        kiln_ledger::Backend::Sqlite => std::time::Duration::from_secs(2),
+        kiln_ledger::Backend::Postgres => std::time::Duration::from_secs(MAX_WAIT_S),
+    };
+    loop {
+        let woke = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + recheck),
+            changes.recv(),
+        )
+        .await;
+        let relevant = match woke {
+            Ok(Ok(changed)) => &*changed == id.as_str() || &*changed == kiln_jobs::events::ANY,
+            // Lagged: some announcements were lost, ours may be among them.
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => true,
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => false,
+            Err(_) => true,
+        };
+        if relevant {
+            let now = read(&api).await?;
+            if now != first || tokio::time::Instant::now() >= deadline {
+                return Ok(Json(now));
+            }
+        }
     }
 }
 
@@ -344,11 +466,12 @@ async fn cancel(
     let mut tx = ledger.db().begin().await?;
     let j = kiln_jobs::cancel(&mut tx, &ledger.ctx(), a.id, &id).await?;
     tx.commit().await?;
+    kiln_jobs::events::changed(&id);
     Ok(Json(j.view()))
 }
 
 /// A 402 carries the packs that would cover it.
-fn with_top_up_packs(api: &Api, e: kiln_ledger::LedgerError) -> ApiError {
+pub(crate) fn with_top_up_packs(api: &Api, e: kiln_ledger::LedgerError) -> ApiError {
     let mut err = ApiError::from(e);
     if err.code == "insufficient_credits" {
         err.extra.insert(
@@ -410,6 +533,7 @@ async fn create_kit(
     headers: axum::http::HeaderMap,
     multipart: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    api.limit(a.id)?;
     let mut multipart = multipart.map_err(|e| {
         ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

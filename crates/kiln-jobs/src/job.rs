@@ -106,7 +106,7 @@ pub struct KitJob {
 }
 
 /// The job JSON of DESIGN.md §6.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct JobView {
     pub id: JobId,
     pub kit: Kit,

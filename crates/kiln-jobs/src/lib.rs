@@ -12,6 +12,7 @@
 //! - `job`: the stored job, its JSON view, reads
 //! - `enqueue`: reserve + job + task, idempotent; `submit` in its own transaction
 //! - `wake`: waking workers after enqueue commits, batched
+//! - `events`: job changes announced to long-polls, across processes on PostgreSQL
 //! - `lifecycle`: claim, progress, leases, succeed, fail, retry, hand-back, cancel
 //! - `reconcile`: the reconciler and the job/charge audit
 //! - `stats`: queue depth and age
@@ -19,6 +20,7 @@
 
 pub mod apalis;
 mod enqueue;
+pub mod events;
 mod ids;
 mod job;
 mod lifecycle;

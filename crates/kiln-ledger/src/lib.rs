@@ -22,10 +22,10 @@ pub use error::LedgerError;
 pub use kiln_core::CreditsError;
 pub use kiln_core::{AccountId, Action, CreditKind, Credits, PlanId, Pricing, Timestamp};
 pub use ops::{
-    Ctx, DEFAULT_HOLD_MS, HOLD_MS_RANGE, Totals, account, account_by_api_key, balance, charge,
-    check_key, commit, create_account, create_hold, due_accounts, due_holds, expire_hold, grants,
-    hold, journal, optimistic, quote, release, renew, reservation, reserve, reserve_locked,
-    resolve_hold, topup, totals,
+    Ctx, DEFAULT_HOLD_MS, HOLD_MS_RANGE, Totals, account, account_by_api_key, admin_grant, balance,
+    charge, check_key, commit, create_account, create_hold, due_accounts, due_holds, expire_hold,
+    grants, hold, journal, open_holds, optimistic, quote, release, renew, reservation, reserve,
+    reserve_locked, resolve_hold, set_plan, topup, totals,
 };
 pub use types::{
     Account, Balance, CreatedAccount, EntryType, Grant, GrantId, Hold, HoldId, HoldStatus,
@@ -186,6 +186,30 @@ impl Ledger {
             id,
             pack,
             payment_ref
+        ))
+    }
+
+    /// Operator: moves the account to another plan ([`ops::set_plan`]).
+    pub async fn set_plan(
+        &self,
+        id: AccountId,
+        plan: PlanId,
+        allowance: Option<Credits>,
+    ) -> Result<Account, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::set_plan(
+            tx, &ctx, id, plan, allowance
+        ))
+    }
+
+    /// Operator: grants credits that never expire, idempotent by `reference`.
+    pub async fn admin_grant(
+        &self,
+        id: AccountId,
+        amount: Credits,
+        reference: &str,
+    ) -> Result<Grant, LedgerError> {
+        in_tx!(self, begin, |tx, ctx| ops::admin_grant(
+            tx, &ctx, id, amount, reference
         ))
     }
 

@@ -203,20 +203,37 @@ impl App {
         cfg
     }
 
-    /// One maintenance pass: renew due billing cycles (booking expiries), reconcile jobs whose
-    /// lease ran out, prune finished tasks. Safe with many workers doing the same: every step
+    /// One maintenance pass: renew due billing cycles (booking expiries), expire holds nobody
+    /// resolved, reconcile jobs whose lease ran out, prune finished tasks. Safe with many workers doing the same: every step
     /// is idempotent and fenced.
     pub async fn maintain(&self) -> anyhow::Result<()> {
         let ledger = self.ledger();
         let renewed = ledger.renew_due(500).await?;
+        let holds_expired = ledger.expire_holds(500).await?;
         let stale_ms = i64::try_from(self.settings.jobs.lease_ms).unwrap_or(i64::MAX);
         let mut tx = ledger.db().begin().await?;
         let ctx = ledger.ctx();
         let r = kiln_jobs::reconcile(&mut tx, &ctx, stale_ms).await?;
         let pruned = kiln_jobs::prune_tasks(&mut tx, ctx.now, PRUNE_AFTER_MS).await?;
         tx.commit().await?;
-        tracing::info!(?renewed, ?r, pruned, "maintenance");
+        tracing::info!(?renewed, holds_expired, ?r, pruned, "maintenance");
         Ok(())
+    }
+
+    /// The maintenance loop ([`App::maintain`] every `maintenance_ms`), until aborted. Both
+    /// `kiln work` and `kiln serve` run it: every step is safe with many running at once.
+    fn spawn_maintenance(&self) -> tokio::task::JoinHandle<()> {
+        let app = self.clone();
+        let every = Duration::from_millis(self.settings.jobs.maintenance_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = app.maintain().await {
+                    tracing::warn!("maintenance failed (will retry): {e:#}");
+                }
+            }
+        })
     }
 
     /// Binds the HTTP API (DESIGN.md §6) on `listen` (`127.0.0.1:0` picks a free port) and
@@ -234,16 +251,31 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
-        let router = kiln_api::router(kiln_api::Api {
-            queue: self.queue.clone(),
-            storage: self.storage.clone(),
+        let cfg = kiln_api::ApiConfig {
             max_attempts: self.settings.jobs.max_attempts,
-        });
+            submit_burst: self.settings.api.submit_burst,
+            submit_per_minute: self.settings.api.submit_per_minute,
+        };
+        let router = kiln_api::router(kiln_api::Api::new(
+            self.queue.clone(),
+            self.storage.clone(),
+            &cfg,
+        ));
+        // Long-polls hear of job changes made by workers in other processes.
+        let listener_task = kiln_jobs::events::listen(self.ledger().db())
+            .await
+            .context("cannot listen for job changes")?;
+        let maintenance = self.spawn_maintenance();
         let server = async move {
-            axum::serve(listener, router)
+            let served = axum::serve(listener, router)
                 .with_graceful_shutdown(shutdown)
                 .await
-                .context("the HTTP server stopped")
+                .context("the HTTP server stopped");
+            if let Some(t) = listener_task {
+                t.abort();
+            }
+            maintenance.abort();
+            served
         };
         Ok((addr, server))
     }
@@ -270,19 +302,7 @@ impl App {
             concurrency = cfg.concurrency,
             "kiln work started"
         );
-        let maintenance = {
-            let app = self.clone();
-            let every = Duration::from_millis(self.settings.jobs.maintenance_ms);
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    if let Err(e) = app.maintain().await {
-                        tracing::warn!("maintenance failed (will retry): {e:#}");
-                    }
-                }
-            })
-        };
+        let maintenance = self.spawn_maintenance();
         let result = kit_worker::run(self.deps(), cfg, shutdown).await;
         maintenance.abort();
         result.context("the worker stopped")

@@ -57,10 +57,12 @@ pub struct Settings {
     /// `KILN_SIGNING_SECRET` (>= 16 characters): signs the local store's URLs. Default: a key
     /// made on first use beside the objects.
     pub signing_secret: Option<Secret>,
-    /// `KILN_PUBLIC_URL`: the base of the URLs kiln hands out.
+    /// `KILN_PUBLIC_URL`: the base of the URLs kiln hands out for the local store's objects.
+    /// Default (empty): the scheme and host the request came to.
     pub public_url: String,
     pub generator: GeneratorSettings,
     pub jobs: JobSettings,
+    pub api: ApiSettings,
     #[serde(skip)]
     pub pricing: Pricing,
 }
@@ -147,6 +149,25 @@ impl Default for JobSettings {
     }
 }
 
+/// The HTTP API's limits.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// `KILN_SUBMIT_BURST`: kit orders and holds an account may send at once.
+    pub submit_burst: u32,
+    /// `KILN_SUBMIT_PER_MINUTE`: ... and then per minute (429 with Retry-After beyond).
+    pub submit_per_minute: u32,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            submit_burst: 120,
+            submit_per_minute: 120,
+        }
+    }
+}
+
 impl JobSettings {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
@@ -167,6 +188,8 @@ struct File {
     generator: GeneratorSettings,
     #[serde(default)]
     jobs: JobSettings,
+    #[serde(default)]
+    api: ApiSettings,
     pricing: Option<toml::Table>,
 }
 
@@ -236,11 +259,10 @@ impl Settings {
             storage: f.storage.unwrap_or_else(|| DEFAULT_STORAGE.to_owned()),
             s3: f.s3,
             signing_secret: f.signing_secret,
-            public_url: f
-                .public_url
-                .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned()),
+            public_url: f.public_url.unwrap_or_default(),
             generator: f.generator,
             jobs: f.jobs,
+            api: f.api,
             pricing,
         };
         s.overlay(env)?;
@@ -298,6 +320,12 @@ impl Settings {
             g.image_model = v;
         }
         number(env, "KILN_PROVIDER_TIMEOUT_SECS", &mut g.timeout_secs)?;
+        number(env, "KILN_SUBMIT_BURST", &mut self.api.submit_burst)?;
+        number(
+            env,
+            "KILN_SUBMIT_PER_MINUTE",
+            &mut self.api.submit_per_minute,
+        )?;
         let j = &mut self.jobs;
         number(env, "KILN_MAX_ATTEMPTS", &mut j.max_attempts)?;
         number(env, "KILN_RETRY_BASE_MS", &mut j.retry_base_ms)?;
@@ -336,7 +364,10 @@ impl Settings {
         {
             bail!("signing_secret / KILN_SIGNING_SECRET must be at least 16 characters");
         }
-        if !self.public_url.starts_with("http://") && !self.public_url.starts_with("https://") {
+        if !self.public_url.is_empty()
+            && !self.public_url.starts_with("http://")
+            && !self.public_url.starts_with("https://")
+        {
             bail!(
                 "public_url / KILN_PUBLIC_URL must be an http(s) URL, not {:?}",
                 self.public_url

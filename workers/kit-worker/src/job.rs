@@ -129,6 +129,7 @@ pub async fn run(
         )
         .await?;
         tx.commit().await?;
+        jobs::events::changed(id);
         c
     };
     let (job, fence) = match claim {
@@ -155,6 +156,7 @@ pub async fn run(
             let mut tx = deps.ledger.db().begin().await?;
             let won = jobs::succeed(&mut tx, &deps.ledger.ctx(), id, fence, &manifest_key).await?;
             tx.commit().await?;
+            jobs::events::changed(id);
             if won {
                 tracing::info!(
                     job = %job.id,
@@ -179,6 +181,7 @@ pub async fn run(
             let mut tx = deps.ledger.db().begin().await?;
             let handed = jobs::retry_later(&mut tx, now, id, fence, run_at, code, &message).await?;
             tx.commit().await?;
+            jobs::events::changed(id);
             tracing::warn!(job = %job.id, code, %message, retry_in_ms = delay.as_millis(), "kit job will be retried");
             Ok(if handed {
                 Outcome::Retrying {
@@ -193,6 +196,7 @@ pub async fn run(
             let mut tx = deps.ledger.db().begin().await?;
             let done = jobs::fail(&mut tx, &deps.ledger.ctx(), id, fence, code, &message).await?;
             tx.commit().await?;
+            jobs::events::changed(id);
             tracing::warn!(job = %job.id, code, %message, "kit job failed; charge released");
             Ok(if done {
                 Outcome::Failed {
@@ -287,6 +291,7 @@ async fn work(
                     let mut tx = ledger.db().begin().await?;
                     let ok = jobs::progress(&mut tx, ledger.ctx().now, &id, fence, &p).await?;
                     tx.commit().await?;
+                    jobs::events::changed(&id);
                     Ok::<bool, JobsError>(ok)
                 }
                 .await;

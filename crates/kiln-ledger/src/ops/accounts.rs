@@ -6,12 +6,9 @@ pub(crate) fn hash_api_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-pub async fn create_account(
-    tx: &mut Tx,
-    ctx: &Ctx<'_>,
-    new: &NewAccount,
-) -> Result<CreatedAccount> {
-    match (new.plan, new.monthly_allowance) {
+/// Only enterprise accounts set their own allowance (and must, unless the price list gives one).
+fn check_plan(ctx: &Ctx<'_>, plan: PlanId, allowance: Option<Credits>) -> Result<()> {
+    match (plan, allowance) {
         (PlanId::Enterprise, None)
             if ctx
                 .pricing
@@ -27,6 +24,41 @@ pub async fn create_account(
         (PlanId::Enterprise, _) | (_, None) => {}
         (plan, Some(_)) => return Err(LedgerError::AllowanceNotAllowed(plan)),
     }
+    Ok(())
+}
+
+/// Moves the account to `plan` (an operator action). The new plan's allowance applies from the
+/// current cycle if it has not been granted yet (e.g. from Discover), else from the next
+/// renewal; credits already granted keep their expiry dates.
+pub async fn set_plan(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    id: AccountId,
+    plan: PlanId,
+    allowance: Option<Credits>,
+) -> Result<Account> {
+    check_plan(ctx, plan, allowance)?;
+    let mut acct = lock(tx, id).await?;
+    on_tx!(tx, c => sqlx::query("UPDATE accounts SET plan = $2, monthly_allowance = $3 WHERE id = $1")
+        .bind(id.to_string())
+        .bind(plan.as_str())
+        .bind(allowance.map(Credits::as_i64))
+        .execute(&mut **c)
+        .await?
+        .rows_affected());
+    acct.account.plan = plan;
+    acct.account.monthly_allowance = allowance;
+    bring_up_to_date(tx, ctx, &mut acct).await?;
+    save(tx, &mut acct, ctx.now).await?;
+    Ok(acct.account)
+}
+
+pub async fn create_account(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    new: &NewAccount,
+) -> Result<CreatedAccount> {
+    check_plan(ctx, new.plan, new.monthly_allowance)?;
     if let Some(email) = &new.email {
         check_key(email, "email")?;
     }

@@ -207,6 +207,45 @@ pub async fn topup(
     Ok(grant)
 }
 
+/// Grants `amount` credits that never expire (an operator action: a goodwill credit, a manual
+/// purchase), as a top-up. Idempotent by `reference`: the same reference for the same account
+/// and amount returns the original grant; anything else is a conflict.
+pub async fn admin_grant(
+    tx: &mut Tx,
+    ctx: &Ctx<'_>,
+    id: AccountId,
+    amount: Credits,
+    reference: &str,
+) -> Result<Grant> {
+    if amount.is_zero() {
+        return Err(Credits::positive(0).unwrap_err().into());
+    }
+    check_key(reference, "grant reference")?;
+    let mut acct = lock(tx, id).await?;
+    let source = format!("admin:{reference}");
+    let fingerprint = format!("{id}:{amount}");
+    if let Some((g, fp)) = grant_by_source(tx, &source).await? {
+        return if fp == fingerprint {
+            Ok(g)
+        } else {
+            Err(LedgerError::PaymentRefConflict(reference.to_owned()))
+        };
+    }
+    bring_up_to_date(tx, ctx, &mut acct).await?;
+    let spec = GrantSpec {
+        kind: CreditKind::TopUp,
+        amount,
+        expires_at: None,
+        source: &source,
+        fingerprint: &fingerprint,
+    };
+    let Some(grant) = insert_grant(tx, &mut acct, ctx.now, &spec).await? else {
+        return Err(LedgerError::PaymentRefConflict(reference.to_owned()));
+    };
+    save(tx, &mut acct, ctx.now).await?;
+    Ok(grant)
+}
+
 pub async fn renew(tx: &mut Tx, ctx: &Ctx<'_>, id: AccountId) -> Result<Vec<Grant>> {
     let mut acct = lock(tx, id).await?;
     let before = acct.entries.len();

@@ -238,3 +238,11 @@ pub async fn expire_hold(tx: &mut Tx, ctx: &Ctx<'_>, id: HoldId) -> Result<bool>
         .await?
         .is_some())
 }
+
+/// How many holds are open (held), for the metrics.
+pub async fn open_holds(tx: &mut Tx) -> Result<u64> {
+    let n: i64 = on_tx!(tx, c => sqlx::query_scalar("SELECT COUNT(*) FROM holds WHERE status = 'held'")
+        .fetch_one(&mut **c)
+        .await?);
+    Ok(u64::try_from(n).unwrap_or(0))
+}

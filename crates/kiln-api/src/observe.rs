@@ -1,0 +1,252 @@
+//! Request ids, tracing spans and the Prometheus text at `/metrics`.
+//!
+//! Every request runs in a span `request{request_id, method, route, account_id, job_id}`; the id
+//! is the caller's `X-Request-Id` when it is a sane one, else a new ULID, and is sent back in
+//! `X-Request-Id`. Internal errors name it (`ApiError::internal`), so a user's report finds the
+//! log line.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+
+use crate::Api;
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The id of the request being served, if any.
+pub fn request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// Records `field = value` on the request's span (account and job ids, once known).
+pub fn record(field: &'static str, value: &dyn std::fmt::Display) {
+    tracing::Span::current().record(field, tracing::field::display(value));
+}
+
+fn sane_id(v: &HeaderValue) -> Option<String> {
+    let s = v.to_str().ok()?;
+    let ok = (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    ok.then(|| s.to_owned())
+}
+
+/// Upper bounds of the request-duration histogram, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Debug, Default)]
+struct RouteStats {
+    /// By status code.
+    count: BTreeMap<u16, u64>,
+    /// Cumulative per bucket, then +Inf.
+    buckets: [u64; BUCKETS.len() + 1],
+    sum_s: f64,
+}
+
+/// Counters the API keeps in memory; queue and ledger figures are read at scrape time.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    routes: Mutex<BTreeMap<(String, String), RouteStats>>,
+    rate_limited: std::sync::atomic::AtomicU64,
+    in_flight: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a request in flight until dropped (also when its future is dropped).
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    fn observe(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        let mut routes = self
+            .routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let r = routes
+            .entry((method.to_owned(), route.to_owned()))
+            .or_default();
+        *r.count.entry(status).or_default() += 1;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                r.buckets[i] += 1;
+            }
+        }
+        r.buckets[BUCKETS.len()] += 1;
+        r.sum_s += seconds;
+    }
+
+    pub(crate) fn rate_limited(&self) {
+        self.rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The middleware: request id, span, metrics.
+pub async fn layer(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(sane_id)
+        .unwrap_or_else(|| ulid::Ulid::generate().to_string());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = req.method().to_string();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %method,
+        route = %route,
+        account_id = tracing::field::Empty,
+        job_id = tracing::field::Empty,
+    );
+    let start = Instant::now();
+    api.metrics
+        .in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let in_flight = InFlight(&api.metrics.in_flight);
+    let mut resp = REQUEST_ID
+        .scope(id.clone(), next.run(req).instrument(span.clone()))
+        .await;
+    drop(in_flight);
+    let status = resp.status();
+    let seconds = start.elapsed().as_secs_f64();
+    api.metrics
+        .observe(&method, &route, status.as_u16(), seconds);
+    if status.is_server_error() {
+        span.in_scope(|| tracing::warn!(status = status.as_u16(), seconds, "request failed"));
+    } else {
+        span.in_scope(|| tracing::debug!(status = status.as_u16(), seconds, "request"));
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// `GET /metrics`: Prometheus text format 0.0.4.
+pub async fn metrics(State(api): State<Api>) -> Response {
+    let mut out = String::new();
+    let ledger = api.queue.ledger();
+    let gauges = async {
+        let mut tx = ledger.db().begin_read().await?;
+        let stats = kiln_jobs::queue_stats(&mut tx, ledger.ctx().now).await?;
+        let holds = kiln_ledger::open_holds(&mut tx).await?;
+        Ok::<_, kiln_jobs::JobsError>((stats, holds))
+    }
+    .await;
+    match gauges {
+        Ok((stats, holds)) => {
+            let now = ledger.ctx().now.millis();
+            out.push_str("# HELP kiln_queue_depth Kit jobs by queue and status (queued, running).\n# TYPE kiln_queue_depth gauge\n");
+            for s in &stats {
+                let _ = writeln!(
+                    out,
+                    "kiln_queue_depth{{queue=\"{}\",status=\"queued\"}} {}",
+                    s.queue, s.queued
+                );
+                let _ = writeln!(
+                    out,
+                    "kiln_queue_depth{{queue=\"{}\",status=\"running\"}} {}",
+                    s.queue, s.running
+                );
+            }
+            out.push_str("# HELP kiln_queue_oldest_age_seconds Age of the oldest queued job that is due, 0 when none.\n# TYPE kiln_queue_oldest_age_seconds gauge\n");
+            for s in &stats {
+                let age = s
+                    .oldest_queued_ms
+                    .map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+                let _ = writeln!(
+                    out,
+                    "kiln_queue_oldest_age_seconds{{queue=\"{}\"}} {age}",
+                    s.queue
+                );
+            }
+            out.push_str("# HELP kiln_holds_open Holds for tool calls not yet captured, voided or expired.\n# TYPE kiln_holds_open gauge\n");
+            let _ = writeln!(out, "kiln_holds_open {holds}");
+            out.push_str("# HELP kiln_up Whether the database answered this scrape.\n# TYPE kiln_up gauge\nkiln_up 1\n");
+        }
+        Err(e) => {
+            tracing::warn!("metrics: the database did not answer: {e}");
+            out.push_str("# HELP kiln_up Whether the database answered this scrape.\n# TYPE kiln_up gauge\nkiln_up 0\n");
+        }
+    }
+    out.push_str("# HELP kiln_http_requests_in_flight Requests being served, this scrape included.\n# TYPE kiln_http_requests_in_flight gauge\n");
+    let _ = writeln!(
+        out,
+        "kiln_http_requests_in_flight {}",
+        api.metrics
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    out.push_str("# HELP kiln_api_rate_limited_total Submissions refused with 429.\n# TYPE kiln_api_rate_limited_total counter\n");
+    let _ = writeln!(
+        out,
+        "kiln_api_rate_limited_total {}",
+        api.metrics
+            .rate_limited
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let routes = api
+        .metrics
+        .routes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    out.push_str("# HELP kiln_http_requests_total HTTP requests by method, route and status.\n# TYPE kiln_http_requests_total counter\n");
+    for ((method, route), r) in routes.iter() {
+        for (status, n) in &r.count {
+            let _ = writeln!(
+                out,
+                "kiln_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+    }
+    out.push_str("# HELP kiln_http_request_duration_seconds HTTP request latency by method and route.\n# TYPE kiln_http_request_duration_seconds histogram\n");
+    for ((method, route), r) in routes.iter() {
+        let labels = format!("method=\"{method}\",route=\"{route}\"");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "kiln_http_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {}",
+                r.buckets[i]
+            );
+        }
+        let total = r.buckets[BUCKETS.len()];
+        let _ = writeln!(
+            out,
+            "kiln_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {total}"
+        );
+        let _ = writeln!(
+            out,
+            "kiln_http_request_duration_seconds_sum{{{labels}}} {}",
+            r.sum_s
+        );
+        let _ = writeln!(
+            out,
+            "kiln_http_request_duration_seconds_count{{{labels}}} {total}"
+        );
+    }
+    drop(routes);
+    (
+        StatusCode::OK,
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        out,
+    )
+        .into_response()
+}
