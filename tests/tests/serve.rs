@@ -1,0 +1,227 @@
+//! Two `kiln serve` processes on one PostgreSQL database, as production runs them behind a load
+//! balancer: both run maintenance, yet every hold nobody resolved is expired exactly once
+//! (one release each in the journal, one "hold expired" between the two logs); and a long-poll
+//! on one process answers when the job is cancelled through the other (LISTEN/NOTIFY).
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{PgDb, Scratch, free_port, kiln_cmd, migrate, ok};
+use serde_json::{Value, json};
+
+struct Serve {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_serve(db: &str, storage: &Path, log: &Path) -> Serve {
+    let port = free_port();
+    let log = std::fs::File::create(log).expect("log");
+    let child = kiln_cmd(db, storage)
+        .args([
+            "serve",
+            "--no-work",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("KILN_MAINTENANCE_MS", "200")
+        .env("RUST_LOG", "warn,kiln_ledger=info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("kiln serve");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "kiln serve did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Serve {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+async fn call(method: reqwest::Method, url: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut req = reqwest::Client::new().request(method, url).bearer_auth(key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("HTTP");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serve_processes_expire_each_hold_once_and_share_job_changes() {
+    kiln_e2e::init_test_log();
+    let pg = PgDb::new();
+    let dir = Scratch::new();
+    let storage = dir.0.join("objects");
+    migrate(&pg.url, &storage);
+    let created: Value = serde_json::from_str(&ok(&kiln_cmd(&pg.url, &storage)
+        .args(["--json", "accounts", "create", "--plan", "discover"])
+        .output()
+        .expect("accounts create")))
+    .expect("json");
+    let key = created["api_key"].as_str().expect("key").to_owned();
+    let logs = [dir.0.join("a.log"), dir.0.join("b.log")];
+    let a = start_serve(&pg.url, &storage, &logs[0]);
+    let b = start_serve(&pg.url, &storage, &logs[1]);
+
+    // Twelve holds that expire in a second, made through both processes.
+    let n = 12;
+    let mut holds = Vec::new();
+    for i in 0..n {
+        let base = if i % 2 == 0 { &a.base } else { &b.base };
+        let body = json!({ "action": "text_message", "idempotency_key": format!("t{i}"), "expires_in_s": 1 });
+        let (status, h) = call(
+            reqwest::Method::POST,
+            &format!("{base}/v1/holds"),
+            &key,
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 201, "{h}");
+        holds.push((
+            h["id"].as_str().expect("id").to_owned(),
+            h["amount"].as_i64().expect("amount"),
+        ));
+    }
+
+    // A queued kit (no workers here): a long-poll on A hears of its cancellation through B.
+    let jpeg = kiln_assets::encode_jpeg(&kiln_assets::sample::ring(300), 85).expect("jpeg");
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "design",
+            reqwest::multipart::Part::bytes(jpeg).file_name("d.jpg"),
+        )
+        .text("spec", kiln_assets::sample::SPEC_JSON)
+        .text("kit", "essentials");
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/kits", a.base))
+        .bearer_auth(&key)
+        .multipart(form)
+        .send()
+        .await
+        .expect("order");
+    assert_eq!(resp.status().as_u16(), 202);
+    let job: Value = resp.json().await.expect("json");
+    let id = job["job"]["id"].as_str().expect("id").to_owned();
+    let waiter = {
+        let url = format!("{}/v1/jobs/{id}?wait=50", a.base);
+        let key = key.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let (status, body) = call(reqwest::Method::GET, &url, &key, None).await;
+            (started.elapsed(), status, body)
+        })
+    };
+    // Until A is serving the long-poll (the scrape itself is the other request in flight).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = reqwest::get(format!("{}/metrics", a.base))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let in_flight: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("kiln_http_requests_in_flight "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("gauge");
+        if in_flight >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the long-poll never started");
+        tokio::task::yield_now().await;
+    }
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &format!("{}/v1/jobs/{id}/cancel", b.base),
+        &key,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (took, status, seen) = waiter.await.expect("waiter");
+    assert_eq!(
+        (status, &seen["status"]),
+        (200, &"cancelled".into()),
+        "{seen}"
+    );
+    assert!(
+        took < Duration::from_secs(40),
+        "answered on the change, not at the deadline ({took:?})"
+    );
+
+    // Both processes run maintenance every 200 ms: wait until every hold has expired.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (hold, _) in &holds {
+        loop {
+            let (_, h) = call(
+                reqwest::Method::GET,
+                &format!("{}/v1/holds/{hold}", b.base),
+                &key,
+                None,
+            )
+            .await;
+            if h["status"] == "expired" {
+                break;
+            }
+            assert_eq!(h["status"], "held", "{h}");
+            assert!(Instant::now() < deadline, "hold {hold} never expired: {h}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let (_, journal) = call(
+        reqwest::Method::GET,
+        &format!("{}/v1/ledger?limit=1000", a.base),
+        &key,
+        None,
+    )
+    .await;
+    let entries = journal["entries"].as_array().expect("entries");
+    let releases = entries.iter().filter(|e| e["entry"] == "release").count();
+    assert_eq!(
+        releases,
+        n + 1,
+        "one release per hold and one for the cancelled kit: {journal}"
+    );
+    let (_, balance) = call(
+        reqwest::Method::GET,
+        &format!("{}/v1/balance", a.base),
+        &key,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (&balance["available"], &balance["held"]),
+        (&200.into(), &0.into()),
+        "{balance}"
+    );
+    drop((a, b));
+    let expired_lines: usize = logs
+        .iter()
+        .map(|l| {
+            std::fs::read_to_string(l)
+                .expect("log")
+                .matches("hold expired")
+                .count()
+        })
+        .sum();
+    assert_eq!(expired_lines, n, "each hold expired by exactly one process");
+    ok(&kiln_cmd(&pg.url, &storage)
+        .arg("audit")
+        .output()
+        .expect("kiln audit"));
+}
