@@ -21,10 +21,12 @@ test: services build
 	fi
 
 ## PostgreSQL on 127.0.0.1:5432 (started, or installed with apt-get), the s3s-fs test server
-## (installed with cargo when missing), and stale test databases gone.
+## (installed with cargo when missing), Chromium and chromedriver for the browser test
+## (apt-get), and stale test databases gone.
 services:
 	@scripts/ensure-postgres.sh
 	@scripts/ensure-s3s.sh
+	@scripts/ensure-chromium.sh
 	@$(MAKE) -s clean-test-dbs
 
 ## The binaries the end-to-end tests run (cargo test alone builds only test harnesses), built

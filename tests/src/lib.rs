@@ -1,6 +1,8 @@
 //! Helpers for kiln's end-to-end tests: find the built `kiln` binary, give each test its own
 //! database (a SQLite file, or a fresh PostgreSQL database), and run commands against it.
 
+pub mod webdriver;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::path::PathBuf;

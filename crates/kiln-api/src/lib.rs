@@ -84,6 +84,7 @@ impl Api {
 /// Every route, over `api`.
 pub fn router(api: Api) -> Router {
     Router::new()
+        .route("/", get(web_page))
         .route("/metrics", get(observe::metrics))
         .route("/v1/holds", post(holds::create))
         .route("/v1/holds/{id}", get(holds::get))
@@ -187,6 +188,23 @@ impl FromRequestParts<Api> for Admin {
             ))
         }
     }
+}
+
+/// The web page: plain HTML, CSS and JS in one file, built into the binary; it talks to this
+/// API with the key the user signs in with (kept in the tab's session storage only).
+async fn web_page() -> impl axum::response::IntoResponse {
+    (
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            (
+                "content-security-policy",
+                "default-src 'self'; img-src 'self' data: blob: https: http:; script-src 'unsafe-inline'; \
+                 style-src 'unsafe-inline'; connect-src 'self' https: http:; frame-ancestors 'none'",
+            ),
+            ("x-content-type-options", "nosniff"),
+        ],
+        include_str!("web/index.html"),
+    )
 }
 
 async fn healthz() -> Json<Value> {
