@@ -225,3 +225,140 @@ async fn two_serve_processes_expire_each_hold_once_and_share_job_changes() {
         .output()
         .expect("kiln audit"));
 }
+
+/// The CLI as an API client against a `kiln serve` on the embedded default: an order with
+/// `--wait` follows the kit to its end; the same order again is said to be a replay of that job
+/// (a derived key dedupes for a day) and charges nothing more; `kits status` and `balance` over
+/// HTTP; an explicit new key is a new order. On the database, a repeated `kits create` says
+/// the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_orders_through_the_api_and_says_when_it_is_a_replay() {
+    kiln_e2e::init_test_log();
+    let dir = Scratch::new();
+    let db = format!("sqlite://{}/kiln.db", dir.0.display());
+    let storage = dir.0.join("objects");
+    migrate(&db, &storage);
+    let created: Value = serde_json::from_str(&ok(&kiln_cmd(&db, &storage)
+        .args(["--json", "accounts", "create", "--plan", "discover"])
+        .output()
+        .expect("accounts create")))
+    .expect("json");
+    let (account, key) = (
+        created["id"].as_str().expect("id").to_owned(),
+        created["api_key"].as_str().expect("key").to_owned(),
+    );
+    let port = free_port();
+    let log = std::fs::File::create(dir.0.join("serve.log")).expect("log");
+    let _serve = Serve {
+        child: kiln_cmd(&db, &storage)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("kiln serve"),
+        base: String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "kiln serve did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let api = format!("http://127.0.0.1:{port}");
+    let design = dir.0.join("ring.jpg");
+    std::fs::write(
+        &design,
+        kiln_assets::encode_jpeg(&kiln_assets::sample::ring(500), 85).expect("jpeg"),
+    )
+    .expect("design");
+    let spec = dir.0.join("spec.json");
+    std::fs::write(&spec, kiln_assets::sample::SPEC_JSON).expect("spec");
+    let order = |extra: &[&str]| {
+        let mut c = kiln_cmd(&db, &storage);
+        c.args([
+            "kits",
+            "create",
+            "--api",
+            &api,
+            "--key",
+            &key,
+            "--kit",
+            "essentials",
+        ])
+        .arg("--design")
+        .arg(&design)
+        .arg("--spec")
+        .arg(&spec)
+        .args(extra);
+        c.output().expect("kits create")
+    };
+    let first = order(&["--wait"]);
+    let job: Value = serde_json::from_str(&ok(&first)).expect("job json");
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let id = job["id"].as_str().expect("id").to_owned();
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        stderr.contains("essentials") && stderr.contains("100.0%") || stderr.contains("succeeded"),
+        "progress: {stderr}"
+    );
+    assert!(!stderr.contains("already ordered"), "{stderr}");
+
+    let again = order(&[]);
+    assert_eq!(ok(&again).trim(), id, "the same job");
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains(&format!("already ordered as job {id}")),
+        "{stderr}"
+    );
+
+    let status: Value = serde_json::from_str(&ok(&kiln_cmd(&db, &storage)
+        .args(["kits", "status", &id, "--api", &api, "--key", &key])
+        .output()
+        .expect("status")))
+    .expect("json");
+    assert_eq!(
+        (&status["id"], &status["status"]),
+        (&id.as_str().into(), &"succeeded".into())
+    );
+    let balance = |_: ()| -> Value {
+        serde_json::from_str(&ok(&kiln_cmd(&db, &storage)
+            .args(["balance", "--api", &api, "--key", &key])
+            .output()
+            .expect("balance")))
+        .expect("json")
+    };
+    assert_eq!(balance(())["available"], 190, "charged once");
+
+    let fresh = order(&["--idempotency-key", "second-batch"]);
+    let other = ok(&fresh).trim().to_owned();
+    assert_ne!(other, id, "an explicit new key is a new order");
+    assert!(!String::from_utf8_lossy(&fresh.stderr).contains("already ordered"));
+
+    // A wrong key: a clear refusal, exit non-zero.
+    let bad = kiln_cmd(&db, &storage)
+        .args(["balance", "--api", &api, "--key", "kiln_wrong"])
+        .output()
+        .expect("balance");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // On the database: the same replay notice.
+    let on_db = |_: ()| {
+        let mut c = kiln_cmd(&db, &storage);
+        c.args(["kits", "create", "--account", &account, "--kit", "caratzon"])
+            .arg("--design")
+            .arg(&design)
+            .arg("--spec")
+            .arg(&spec);
+        c.output().expect("kits create")
+    };
+    let a = ok(&on_db(())).trim().to_owned();
+    let second = on_db(());
+    assert_eq!(ok(&second).trim(), a);
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains(&format!("already ordered as job {a}"))
+    );
+}

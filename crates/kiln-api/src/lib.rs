@@ -324,6 +324,8 @@ struct JobsQuery {
     /// A job id: the page after it (jobs come newest first).
     before: Option<JobId>,
     limit: Option<u32>,
+    /// Only the job ordered under this Idempotency-Key (none or one).
+    idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -342,6 +344,16 @@ async fn jobs(
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = q.limit.unwrap_or(50).clamp(1, 200);
     let mut tx = api.queue.ledger().db().begin_read().await?;
+    if let Some(key) = &q.idempotency_key {
+        let found = kiln_jobs::job_by_key(&mut tx, a.id, key).await?;
+        let jobs = found
+            .filter(|j| q.status.is_none_or(|s| s == j.status))
+            .map(|j| j.view());
+        return Ok(Json(JobsPage {
+            jobs: jobs.into_iter().collect(),
+            next_before: None,
+        }));
+    }
     let mut found = kiln_jobs::jobs(&mut tx, a.id, q.status, q.before.as_ref(), limit + 1).await?;
     let more = found.len() > limit as usize;
     found.truncate(limit as usize);

@@ -251,11 +251,7 @@ pub async fn job(tx: &mut Tx, id: &JobId) -> Result<Option<KitJob>> {
     row.map(KitJob::try_from).transpose()
 }
 
-pub(crate) async fn job_by_key(
-    tx: &mut Tx,
-    account: AccountId,
-    key: &str,
-) -> Result<Option<KitJob>> {
+pub async fn job_by_key(tx: &mut Tx, account: AccountId, key: &str) -> Result<Option<KitJob>> {
     let sql = format!("{SELECT_JOB} WHERE j.account_id = $1 AND j.idempotency_key = $2");
     let row: Option<JobRow> = on_tx!(tx, c => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
         .bind(account.to_string())

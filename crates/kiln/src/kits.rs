@@ -131,17 +131,115 @@ async fn order(
     Ok(accepted.job)
 }
 
+/// A day: how long a derived idempotency key dedupes.
+const DERIVED_KEY_WINDOW_MS: i64 = 24 * 3_600_000;
+
+/// The keys an order without `--idempotency-key` may have: derived from the design, spec and
+/// kit, one per 24-hour window — `[this window's, the previous window's]`. The previous
+/// window's counts while its job is under 24 hours old, so the same order again within a day
+/// is the same job, and after a day a new one.
+pub fn derived_keys(
+    design: &[u8],
+    spec: &[u8],
+    kit: Kit,
+    now: kiln_core::Timestamp,
+) -> [String; 2] {
+    let mut all = design.to_vec();
+    all.extend_from_slice(spec);
+    all.extend_from_slice(kit.as_str().as_bytes());
+    let hash = &kiln_assets::sha256_hex(&all)[..32];
+    let window = now.millis().div_euclid(DERIVED_KEY_WINDOW_MS);
+    [
+        format!("cli-{hash}-{window}"),
+        format!("cli-{hash}-{}", window - 1),
+    ]
+}
+
+fn within_window(created: kiln_core::Timestamp, now: kiln_core::Timestamp) -> bool {
+    now.millis() - created.millis() < DERIVED_KEY_WINDOW_MS
+}
+
+fn say_replayed(id: &str, created: &str) {
+    eprintln!(
+        "already ordered as job {id} (at {created}): the same design, spec and kit within 24 hours is one order; pass --idempotency-key to order it again"
+    );
+}
+
 pub async fn create(app: &App, k: NewKit<'_>) -> anyhow::Result<KitJob> {
     let design = read(k.design, "design")?;
     let spec = read(k.spec, "spec")?;
-    // Without a key, one derived from the inputs: running the same command twice is one order.
-    let key = k.key.unwrap_or_else(|| {
-        let mut all = design.clone();
-        all.extend_from_slice(&spec);
-        all.extend_from_slice(k.kit.as_str().as_bytes());
-        format!("cli-{}", &kiln_assets::sha256_hex(&all)[..32])
-    });
-    order(app, k.account, k.kit, Bytes::from(design), &spec, &key).await
+    let key = match k.key {
+        Some(key) => key,
+        None => {
+            let now = app.ledger().ctx().now;
+            let [current, previous] = derived_keys(&design, &spec, k.kit, now);
+            let mut tx = app.ledger().db().begin_read().await?;
+            let earlier = kiln_jobs::job_by_key(&mut tx, k.account, &previous).await?;
+            drop(tx);
+            match earlier {
+                Some(j) if within_window(j.created_at, now) => previous,
+                _ => current,
+            }
+        }
+    };
+    let accepted = kiln_producer::intake(
+        app.queue(),
+        app.storage(),
+        kiln_producer::Order {
+            account: k.account,
+            kit: k.kit,
+            design: Bytes::from(design),
+            spec_json: &spec,
+            idempotency_key: &key,
+            max_attempts: app.settings.jobs.max_attempts,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
+    if accepted.replayed {
+        say_replayed(accepted.job.id.as_str(), &accepted.job.created_at.rfc3339());
+    }
+    Ok(accepted.job)
+}
+
+/// [`create`] through the HTTP API.
+pub async fn create_remote(
+    client: &kiln::client::Client,
+    design_path: &Path,
+    spec_path: &Path,
+    kit: Kit,
+    key: Option<String>,
+) -> anyhow::Result<serde_json::Value> {
+    let design = read(design_path, "design")?;
+    let spec = read(spec_path, "spec")?;
+    let key = match key {
+        Some(key) => key,
+        None => {
+            let now = kiln_core::Timestamp::now();
+            let [current, previous] = derived_keys(&design, &spec, kit, now);
+            let earlier = client.job_by_key(&previous).await?;
+            let recent = earlier.as_ref().is_some_and(|j| {
+                j["created_at"]
+                    .as_str()
+                    .and_then(kiln_core::Timestamp::parse_rfc3339)
+                    .is_some_and(|t| within_window(t, now))
+            });
+            if recent { previous } else { current }
+        }
+    };
+    let file_name = design_path
+        .file_name()
+        .map_or_else(|| "design".to_owned(), |n| n.to_string_lossy().into_owned());
+    let (job, replayed) = client
+        .create_kit(design, file_name, spec, kit, &key)
+        .await?;
+    if replayed {
+        say_replayed(
+            job["id"].as_str().unwrap_or_default(),
+            job["created_at"].as_str().unwrap_or_default(),
+        );
+    }
+    Ok(job)
 }
 
 pub async fn job(ledger: &Ledger, id: &JobId) -> anyhow::Result<KitJob> {
@@ -154,6 +252,29 @@ pub async fn job(ledger: &Ledger, id: &JobId) -> anyhow::Result<KitJob> {
 /// Waits for the job to end, drawing a progress bar on stderr (one line per step when stderr is
 /// not a terminal).
 pub async fn wait(ledger: &Ledger, id: &JobId, label: &str) -> anyhow::Result<KitJob> {
+    follow(
+        label,
+        || async {
+            let j = job(ledger, id).await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(j)
+        },
+        |j: &KitJob| (j.status, j.progress.clone()),
+    )
+    .await
+}
+
+/// Follows a job to its end through `fetch` (each call returns it when it may have changed),
+/// drawing the progress bar.
+pub async fn follow<T, F, Fut>(
+    label: &str,
+    mut fetch: F,
+    progress_of: impl Fn(&T) -> (JobStatus, kiln_jobs::Progress),
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
@@ -168,35 +289,35 @@ pub async fn wait(ledger: &Ledger, id: &JobId, label: &str) -> anyhow::Result<Ki
     );
     let mut last_step = None;
     loop {
-        let j = job(ledger, id).await?;
-        let step = (j.status, j.progress.done);
-        let what = j.progress.step.as_deref().unwrap_or(j.status.as_str());
+        let j = fetch().await?;
+        let (status, progress) = progress_of(&j);
+        let step = (status, progress.done);
+        let what = progress.step.as_deref().unwrap_or(status.as_str());
         if tty {
-            pb.set_length(u64::from(j.progress.total.max(1)));
-            let done = if j.status == JobStatus::Succeeded {
-                j.progress.total.max(1)
+            pb.set_length(u64::from(progress.total.max(1)));
+            let done = if status == JobStatus::Succeeded {
+                progress.total.max(1)
             } else {
-                j.progress.done
+                progress.done
             };
             pb.set_position(u64::from(done));
-            pb.set_message(format!("{:<9} {what:<12}", j.status.as_str()));
+            pb.set_message(format!("{:<9} {what:<12}", status.as_str()));
         } else if last_step != Some(step) {
-            eprintln!("{}", line(label, &j, started.elapsed()));
+            eprintln!("{}", line(label, status, &progress, started.elapsed()));
         }
         last_step = Some(step);
-        if j.status.is_terminal() {
+        if status.is_terminal() {
             pb.finish();
             return Ok(j);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// One progress line for a log: `essentials  [########----] 6/13 running  line sheet  1.2s`.
-fn line(label: &str, j: &KitJob, elapsed: Duration) -> String {
+fn line(label: &str, status: JobStatus, p: &kiln_jobs::Progress, elapsed: Duration) -> String {
     const WIDTH: u32 = 24;
-    let (done, total) = (j.progress.done, j.progress.total.max(1));
-    let filled = if j.status == JobStatus::Succeeded {
+    let (done, total) = (p.done, p.total.max(1));
+    let filled = if status == JobStatus::Succeeded {
         WIDTH
     } else {
         done.min(total) * WIDTH / total
@@ -204,14 +325,14 @@ fn line(label: &str, j: &KitJob, elapsed: Duration) -> String {
     let fill: String = (0..WIDTH)
         .map(|i| if i < filled { '#' } else { '-' })
         .collect();
-    let step = j.progress.step.as_deref().unwrap_or(j.status.as_str());
-    let total = match j.progress.total {
+    let step = p.step.as_deref().unwrap_or(status.as_str());
+    let total = match p.total {
         0 => "?".to_owned(),
         n => n.to_string(),
     };
     format!(
         "{label:<11} [{fill}] {done:>2}/{total:<2} {:<9} {step:<12} {:>5.1}s",
-        j.status.as_str(),
+        status.as_str(),
         elapsed.as_secs_f32()
     )
 }

@@ -5,6 +5,7 @@ mod kits;
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kiln::app::{self, App, Migrate, WorkOptions};
 use kiln::settings::Settings;
@@ -109,21 +110,31 @@ enum Command {
     Kits(KitsCommand),
     /// Queue depth, oldest waiting job and live workers.
     Status,
+    /// Your balance by kind through the HTTP API (`--api URL --key KEY`); on the database,
+    /// `kiln accounts balance ID`.
+    Balance {
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum KitsCommand {
-    /// Order a kit: checks the design and spec, reserves its credits and queues it; prints the job id.
+    /// Order a kit: checks the design and spec, reserves its credits and queues it; prints the job
+    /// id. With `--api URL --key KEY` instead of `--account`, through the HTTP API.
     Create {
-        #[arg(long)]
-        account: AccountId,
+        #[arg(long, required_unless_present = "api")]
+        account: Option<AccountId>,
+        #[command(flatten)]
+        remote: Remote,
         #[arg(long)]
         design: PathBuf,
         #[arg(long)]
         spec: PathBuf,
         #[arg(long)]
         kit: Kit,
-        /// Default: derived from the design, spec and kit (the same order twice is one job).
+        /// Default: derived from the design, spec and kit, good for 24 hours (the same order
+        /// again within a day is the same job, and is said to be).
         #[arg(long = "idempotency-key")]
         idempotency_key: Option<String>,
         /// Wait for the job to end, with a progress bar; exit 1 unless it succeeded.
@@ -131,13 +142,37 @@ enum KitsCommand {
         wait: bool,
     },
     /// Show a job: its status (queued, running, succeeded, failed, cancelled), progress, charge.
-    Status { id: JobId },
+    Status {
+        id: JobId,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Cancel a queued job and release its credits.
     Cancel {
         id: JobId,
         #[arg(long)]
         account: AccountId,
     },
+}
+
+/// Through the HTTP API instead of the database: `--api URL --key KEY`.
+#[derive(clap::Args, Debug, Clone)]
+struct Remote {
+    /// The kiln API's base URL, e.g. http://127.0.0.1:8080.
+    #[arg(long, requires = "key")]
+    api: Option<String>,
+    /// Your API key (or KILN_API_KEY).
+    #[arg(long, env = "KILN_API_KEY", hide_env_values = true)]
+    key: Option<String>,
+}
+
+impl Remote {
+    fn client(&self) -> anyhow::Result<Option<kiln::client::Client>> {
+        match (&self.api, &self.key) {
+            (Some(api), Some(key)) => Ok(Some(kiln::client::Client::new(api, key)?)),
+            _ => Ok(None),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -250,12 +285,60 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Kits(KitsCommand::Create {
             account,
+            remote,
             design,
             spec,
             kit,
             idempotency_key,
             wait,
+        }) if remote.api.is_some() => {
+            let client = remote.client()?.context("--api needs --key")?;
+            let _ = account;
+            let job = kits::create_remote(&client, &design, &spec, kit, idempotency_key).await?;
+            let job = if wait {
+                let id = job["id"].as_str().unwrap_or_default().to_owned();
+                kits::follow(
+                    kit.as_str(),
+                    || client.job(&id, Some(25)),
+                    kiln::client::progress_of,
+                )
+                .await?
+            } else {
+                job
+            };
+            if out.json || wait {
+                out.print(&job);
+            } else {
+                println!("{}", job["id"].as_str().unwrap_or_default());
+            }
+            let (status, _) = kiln::client::progress_of(&job);
+            if wait && status != kiln_jobs::JobStatus::Succeeded {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Command::Kits(KitsCommand::Status { id, remote }) if remote.api.is_some() => {
+            let client = remote.client()?.context("--api needs --key")?;
+            out.print(&client.job(id.as_str(), None).await?);
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Command::Balance { remote } => {
+            let client = remote
+                .client()?
+                .context("kiln balance goes through the API: pass --api URL --key KEY (on the database: kiln accounts balance ID)")?;
+            out.print(&client.balance().await?);
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Command::Kits(KitsCommand::Create {
+            account,
+            design,
+            spec,
+            kit,
+            idempotency_key,
+            wait,
+            ..
         }) => {
+            let account = account.context("--account (or --api URL --key KEY) is needed")?;
             let app = App::build(settings, Migrate::No).await?;
             let job = kits::create(
                 &app,
@@ -409,7 +492,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 print_balance(&ledger.balance(account).await?);
             }
         }
-        Command::Kits(KitsCommand::Status { id }) => {
+        Command::Kits(KitsCommand::Status { id, .. }) => {
             let job = kits::job(&ledger, &id).await?;
             if out.json {
                 out.print(&job.view());
@@ -430,6 +513,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Migrate
         | Command::Config
         | Command::Demo { .. }
+        | Command::Balance { .. }
         | Command::Serve { .. }
         | Command::Work { .. }
         | Command::Kits(KitsCommand::Create { .. }) => unreachable!("handled above"),
