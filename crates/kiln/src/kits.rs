@@ -113,8 +113,8 @@ async fn order(
     design: Bytes,
     spec: &[u8],
     key: &str,
-) -> anyhow::Result<KitJob> {
-    let accepted = kiln_producer::intake(
+) -> anyhow::Result<kiln_producer::Accepted> {
+    kiln_producer::intake(
         app.queue(),
         app.storage(),
         kiln_producer::Order {
@@ -127,8 +127,7 @@ async fn order(
         },
     )
     .await
-    .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
-    Ok(accepted.job)
+    .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))
 }
 
 /// A day: how long a derived idempotency key dedupes.
@@ -182,20 +181,7 @@ pub async fn create(app: &App, k: NewKit<'_>) -> anyhow::Result<KitJob> {
             }
         }
     };
-    let accepted = kiln_producer::intake(
-        app.queue(),
-        app.storage(),
-        kiln_producer::Order {
-            account: k.account,
-            kit: k.kit,
-            design: Bytes::from(design),
-            spec_json: &spec,
-            idempotency_key: &key,
-            max_attempts: app.settings.jobs.max_attempts,
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
+    let accepted = order(app, k.account, k.kit, Bytes::from(design), &spec, &key).await?;
     if accepted.replayed {
         say_replayed(accepted.job.id.as_str(), &accepted.job.created_at.rfc3339());
     }
@@ -442,7 +428,8 @@ pub async fn demo(
             &spec,
             &format!("demo-{run_id}-{kit}"),
         )
-        .await?;
+        .await?
+        .job;
         println!(
             "{kit} kit: job {} queued, {} credits held",
             job.id, job.cost
