@@ -317,3 +317,91 @@ impl Drop for S3Server {
         self.stop();
     }
 }
+
+/// Until something listens on 127.0.0.1:`port` (at most 20 s).
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {port} within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `kiln serve <args>` on a free port of 127.0.0.1, stderr to `log`, listening when returned;
+/// killed on drop.
+#[derive(Debug)]
+pub struct ServeProcess {
+    child: Child,
+    pub base: String,
+}
+
+impl ServeProcess {
+    pub fn start(cmd: &mut Command, log: &Path, args: &[&str]) -> ServeProcess {
+        let port = free_port();
+        let log = std::fs::File::create(log).expect("serve log");
+        let child = cmd
+            .arg("serve")
+            .args(args)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("kiln serve");
+        wait_for_port(port, "kiln serve");
+        ServeProcess {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `kiln --json accounts create --plan discover`: (account id, API key).
+pub fn create_account(db: &str, storage: &Path) -> (String, String) {
+    let out = ok(&kiln_cmd(db, storage)
+        .args(["--json", "accounts", "create", "--plan", "discover"])
+        .output()
+        .expect("kiln accounts create"));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("account JSON");
+    (
+        v["id"].as_str().expect("id").to_owned(),
+        v["api_key"].as_str().expect("api key").to_owned(),
+    )
+}
+
+/// Until a `kiln serve` at `base` is serving more than `n` requests besides the scrape itself
+/// (e.g. a long-poll waiting), read from its `/metrics`.
+pub async fn wait_for_in_flight(base: &str, n: u64) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let in_flight: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("kiln_http_requests_in_flight "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("the in-flight gauge");
+        if in_flight > n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} requests never in flight");
+        tokio::task::yield_now().await;
+    }
+}

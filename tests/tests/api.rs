@@ -568,35 +568,6 @@ async fn racing_orders_on_postgres() {
     races(&pg.url).await;
 }
 
-/// Until `n` requests besides the scrape itself are being served (e.g. a long-poll waiting).
-async fn wait_for_in_flight(s: &Served, n: u64) {
-    let client = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = client
-            .get(format!("{}/metrics", s.base))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("text");
-        let in_flight = text
-            .lines()
-            .find_map(|l| l.strip_prefix("kiln_http_requests_in_flight "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .expect("the in-flight gauge");
-        if in_flight > n {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{n} requests never in flight"
-        );
-        tokio::task::yield_now().await;
-    }
-}
-
 async fn put(s: &Served, path: &str, key: Option<&str>, body: Value) -> (u16, Value) {
     send(s, reqwest::Method::PUT, path, key, Some(body)).await
 }
@@ -902,7 +873,7 @@ async fn kit_to_files(database_url: &str) {
             (started.elapsed(), resp.json::<Value>().await.expect("json"))
         })
     };
-    wait_for_in_flight(&s, 1).await;
+    kiln_e2e::wait_for_in_flight(&s.base, 1).await;
     let (status, body) = post(
         &s,
         &format!("/v1/jobs/{last_id}/cancel"),

@@ -6,21 +6,11 @@
 //! Screenshots of each step are kept (the path is printed).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_e2e::webdriver::{Driver, Session};
-use kiln_e2e::{Scratch, free_port, kiln_cmd, migrate, ok};
-use serde_json::{Value, json};
-
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use kiln_e2e::{Scratch, ServeProcess, create_account, kiln_cmd, migrate};
+use serde_json::json;
 
 fn artefacts() -> PathBuf {
     let dir = std::env::var_os("KILN_ARTIFACTS").map_or_else(
@@ -29,26 +19,6 @@ fn artefacts() -> PathBuf {
     );
     std::fs::create_dir_all(&dir).expect("artefacts dir");
     dir
-}
-
-fn new_account(db: &str, storage: &Path) -> (String, String) {
-    let out = ok(&kiln_cmd(db, storage)
-        .args([
-            "--json",
-            "accounts",
-            "create",
-            "--plan",
-            "discover",
-            "--email",
-            "studio@example.com",
-        ])
-        .output()
-        .expect("accounts create"));
-    let v: Value = serde_json::from_str(&out).expect("json");
-    (
-        v["id"].as_str().expect("id").to_owned(),
-        v["api_key"].as_str().expect("key").to_owned(),
-    )
 }
 
 async fn sign_in(s: &Session, base: &str, key: &str) {
@@ -73,22 +43,8 @@ async fn a_jeweler_orders_a_caratzon_kit_in_the_browser() {
     let db = format!("sqlite://{}/kiln.db", dir.0.display());
     let storage = dir.0.join("objects");
     migrate(&db, &storage);
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let log = std::fs::File::create(dir.0.join("serve.log")).expect("log");
-    let _serve = Serve(
-        kiln_cmd(&db, &storage)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("kiln serve"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "kiln serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let serve = ServeProcess::start(&mut kiln_cmd(&db, &storage), &dir.0.join("serve.log"), &[]);
+    let base = serve.base.clone();
     let shots = artefacts();
     eprintln!("browser test screenshots: {}", shots.display());
     let design = dir.0.join("aurora-ring.jpg");
@@ -101,7 +57,7 @@ async fn a_jeweler_orders_a_caratzon_kit_in_the_browser() {
     s.find("#api-key").await;
     s.screenshot(&shots.join("01-sign-in.png")).await;
 
-    let (_, key) = new_account(&db, &storage);
+    let (_, key) = create_account(&db, &storage);
     sign_in(&s, &base, &key).await;
     assert_eq!(s.text("#available").await, "200");
     assert!(
@@ -209,7 +165,7 @@ async fn a_jeweler_orders_a_caratzon_kit_in_the_browser() {
     );
 
     // An account that cannot afford it: the top-up prompt, nothing charged; a top-up helps.
-    let (_, poor) = new_account(&db, &storage);
+    let (_, poor) = create_account(&db, &storage);
     let http = reqwest::Client::new();
     for i in 0..5 {
         let r = http

@@ -4,49 +4,21 @@
 //! on one process answers when the job is cancelled through the other (LISTEN/NOTIFY).
 
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{PgDb, Scratch, free_port, kiln_cmd, migrate, ok};
+use kiln_e2e::{
+    PgDb, Scratch, ServeProcess, create_account, kiln_cmd, migrate, ok, wait_for_in_flight,
+};
 use serde_json::{Value, json};
 
-struct Serve {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_serve(db: &str, storage: &Path, log: &Path) -> Serve {
-    let port = free_port();
-    let log = std::fs::File::create(log).expect("log");
-    let child = kiln_cmd(db, storage)
-        .args([
-            "serve",
-            "--no-work",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .env("KILN_MAINTENANCE_MS", "200")
-        .env("RUST_LOG", "warn,kiln_ledger=info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("kiln serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "kiln serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Serve {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    }
+fn start_serve(db: &str, storage: &Path, log: &Path) -> ServeProcess {
+    ServeProcess::start(
+        kiln_cmd(db, storage)
+            .env("KILN_MAINTENANCE_MS", "200")
+            .env("RUST_LOG", "warn,kiln_ledger=info"),
+        log,
+        &["--no-work"],
+    )
 }
 
 async fn call(method: reqwest::Method, url: &str, key: &str, body: Option<Value>) -> (u16, Value) {
@@ -67,12 +39,7 @@ async fn two_serve_processes_expire_each_hold_once_and_share_job_changes() {
     let dir = Scratch::new();
     let storage = dir.0.join("objects");
     migrate(&pg.url, &storage);
-    let created: Value = serde_json::from_str(&ok(&kiln_cmd(&pg.url, &storage)
-        .args(["--json", "accounts", "create", "--plan", "discover"])
-        .output()
-        .expect("accounts create")))
-    .expect("json");
-    let key = created["api_key"].as_str().expect("key").to_owned();
+    let (_, key) = create_account(&pg.url, &storage);
     let logs = [dir.0.join("a.log"), dir.0.join("b.log")];
     let a = start_serve(&pg.url, &storage, &logs[0]);
     let b = start_serve(&pg.url, &storage, &logs[1]);
@@ -126,25 +93,7 @@ async fn two_serve_processes_expire_each_hold_once_and_share_job_changes() {
         })
     };
     // Until A is serving the long-poll (the scrape itself is the other request in flight).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = reqwest::get(format!("{}/metrics", a.base))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        let in_flight: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("kiln_http_requests_in_flight "))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("gauge");
-        if in_flight >= 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the long-poll never started");
-        tokio::task::yield_now().await;
-    }
+    wait_for_in_flight(&a.base, 1).await;
     let (status, body) = call(
         reqwest::Method::POST,
         &format!("{}/v1/jobs/{id}/cancel", b.base),
@@ -238,32 +187,9 @@ async fn the_cli_orders_through_the_api_and_says_when_it_is_a_replay() {
     let db = format!("sqlite://{}/kiln.db", dir.0.display());
     let storage = dir.0.join("objects");
     migrate(&db, &storage);
-    let created: Value = serde_json::from_str(&ok(&kiln_cmd(&db, &storage)
-        .args(["--json", "accounts", "create", "--plan", "discover"])
-        .output()
-        .expect("accounts create")))
-    .expect("json");
-    let (account, key) = (
-        created["id"].as_str().expect("id").to_owned(),
-        created["api_key"].as_str().expect("key").to_owned(),
-    );
-    let port = free_port();
-    let log = std::fs::File::create(dir.0.join("serve.log")).expect("log");
-    let _serve = Serve {
-        child: kiln_cmd(&db, &storage)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("kiln serve"),
-        base: String::new(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "kiln serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let api = format!("http://127.0.0.1:{port}");
+    let (account, key) = create_account(&db, &storage);
+    let serve = ServeProcess::start(&mut kiln_cmd(&db, &storage), &dir.0.join("serve.log"), &[]);
+    let api = serve.base.clone();
     let design = dir.0.join("ring.jpg");
     std::fs::write(
         &design,
