@@ -140,6 +140,11 @@ pub async fn layer(State(api): State<Api>, req: Request, next: Next) -> Response
     resp
 }
 
+/// A metric family's `# HELP` and `# TYPE` lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
 /// `GET /metrics`: Prometheus text format 0.0.4.
 pub async fn metrics(State(api): State<Api>) -> Response {
     let mut out = String::new();
@@ -151,10 +156,15 @@ pub async fn metrics(State(api): State<Api>) -> Response {
         Ok::<_, kiln_jobs::JobsError>((stats, holds))
     }
     .await;
-    match gauges {
+    let up = match gauges {
         Ok((stats, holds)) => {
             let now = ledger.ctx().now.millis();
-            out.push_str("# HELP kiln_queue_depth Kit jobs by queue and status (queued, running).\n# TYPE kiln_queue_depth gauge\n");
+            family(
+                &mut out,
+                "kiln_queue_depth",
+                "gauge",
+                "Kit jobs by queue and status (queued, running).",
+            );
             for s in &stats {
                 let _ = writeln!(
                     out,
@@ -167,7 +177,12 @@ pub async fn metrics(State(api): State<Api>) -> Response {
                     s.queue, s.running
                 );
             }
-            out.push_str("# HELP kiln_queue_oldest_age_seconds Age of the oldest queued job that is due, 0 when none.\n# TYPE kiln_queue_oldest_age_seconds gauge\n");
+            family(
+                &mut out,
+                "kiln_queue_oldest_age_seconds",
+                "gauge",
+                "Age of the oldest queued job that is due, 0 when none.",
+            );
             for s in &stats {
                 let age = s
                     .oldest_queued_ms
@@ -178,16 +193,33 @@ pub async fn metrics(State(api): State<Api>) -> Response {
                     s.queue
                 );
             }
-            out.push_str("# HELP kiln_holds_open Holds for tool calls not yet captured, voided or expired.\n# TYPE kiln_holds_open gauge\n");
+            family(
+                &mut out,
+                "kiln_holds_open",
+                "gauge",
+                "Holds for tool calls not yet captured, voided or expired.",
+            );
             let _ = writeln!(out, "kiln_holds_open {holds}");
-            out.push_str("# HELP kiln_up Whether the database answered this scrape.\n# TYPE kiln_up gauge\nkiln_up 1\n");
+            true
         }
         Err(e) => {
             tracing::warn!("metrics: the database did not answer: {e}");
-            out.push_str("# HELP kiln_up Whether the database answered this scrape.\n# TYPE kiln_up gauge\nkiln_up 0\n");
+            false
         }
-    }
-    out.push_str("# HELP kiln_http_requests_in_flight Requests being served, this scrape included.\n# TYPE kiln_http_requests_in_flight gauge\n");
+    };
+    family(
+        &mut out,
+        "kiln_up",
+        "gauge",
+        "Whether the database answered this scrape.",
+    );
+    let _ = writeln!(out, "kiln_up {}", u8::from(up));
+    family(
+        &mut out,
+        "kiln_http_requests_in_flight",
+        "gauge",
+        "Requests being served, this scrape included.",
+    );
     let _ = writeln!(
         out,
         "kiln_http_requests_in_flight {}",
@@ -195,7 +227,12 @@ pub async fn metrics(State(api): State<Api>) -> Response {
             .in_flight
             .load(std::sync::atomic::Ordering::Relaxed)
     );
-    out.push_str("# HELP kiln_api_rate_limited_total Submissions refused with 429.\n# TYPE kiln_api_rate_limited_total counter\n");
+    family(
+        &mut out,
+        "kiln_api_rate_limited_total",
+        "counter",
+        "Submissions refused with 429.",
+    );
     let _ = writeln!(
         out,
         "kiln_api_rate_limited_total {}",
@@ -208,7 +245,12 @@ pub async fn metrics(State(api): State<Api>) -> Response {
         .routes
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    out.push_str("# HELP kiln_http_requests_total HTTP requests by method, route and status.\n# TYPE kiln_http_requests_total counter\n");
+    family(
+        &mut out,
+        "kiln_http_requests_total",
+        "counter",
+        "HTTP requests by method, route and status.",
+    );
     for ((method, route), r) in routes.iter() {
         for (status, n) in &r.count {
             let _ = writeln!(
@@ -217,7 +259,12 @@ pub async fn metrics(State(api): State<Api>) -> Response {
             );
         }
     }
-    out.push_str("# HELP kiln_http_request_duration_seconds HTTP request latency by method and route.\n# TYPE kiln_http_request_duration_seconds histogram\n");
+    family(
+        &mut out,
+        "kiln_http_request_duration_seconds",
+        "histogram",
+        "HTTP request latency by method and route.",
+    );
     for ((method, route), r) in routes.iter() {
         let labels = format!("method=\"{method}\",route=\"{route}\"");
         for (i, b) in BUCKETS.iter().enumerate() {
