@@ -4,7 +4,7 @@ mod common;
 
 use kiln_ledger::backends;
 
-use common::{DAY, Harness};
+use common::{DAY, Harness, new_account, tamper};
 use kiln_ledger::{
     AccountId, Action, Backend, CreditKind, Credits, EntryType, LedgerError, NewAccount, PlanId,
     Pricing, ReservationState,
@@ -12,15 +12,6 @@ use kiln_ledger::{
 
 fn c(n: u64) -> Credits {
     Credits::new_const(n)
-}
-
-fn new_account(plan: PlanId) -> NewAccount {
-    NewAccount {
-        plan,
-        is_admin: false,
-        email: None,
-        monthly_allowance: None,
-    }
 }
 
 async fn assert_clean(h: &Harness) {
@@ -941,11 +932,7 @@ async fn audit_finds_tampering(backend: Backend) {
     ];
     for (sql, expect) in tampering {
         let mut tx = h.ledger.db().begin().await.expect("begin");
-        match &mut tx {
-            kiln_ledger::Tx::Postgres(c) => sqlx::query(sql).execute(&mut **c).await.map(drop),
-            kiln_ledger::Tx::Sqlite(c) => sqlx::query(sql).execute(&mut **c).await.map(drop),
-        }
-        .expect("tamper");
+        tamper(&mut tx, sql).await;
         let breaches = kiln_ledger::audit(&mut tx, None).await.expect("audit");
         assert!(
             breaches.iter().any(|b| b.what.contains(expect)),

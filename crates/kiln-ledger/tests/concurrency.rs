@@ -7,10 +7,8 @@ use kiln_ledger::backends;
 
 use std::sync::Arc;
 
-use common::Harness;
-use kiln_ledger::{
-    Action, Backend, Credits, LedgerError, NewAccount, PlanId, Pricing, ReservationState,
-};
+use common::{Harness, discover_account};
+use kiln_ledger::{Action, Backend, Credits, LedgerError, Pricing, ReservationState};
 use tokio::task::JoinSet;
 
 backends!(
@@ -21,19 +19,7 @@ backends!(
 
 async fn harness(backend: Backend) -> (Harness, kiln_ledger::AccountId) {
     let h = Harness::with(backend, Pricing::default(), 16).await;
-    let new = NewAccount {
-        plan: PlanId::Discover,
-        is_admin: false,
-        email: None,
-        monthly_allowance: None,
-    };
-    let id = h
-        .ledger
-        .create_account(new)
-        .await
-        .expect("create")
-        .account
-        .id;
+    let id = discover_account(&h).await;
     (h, id)
 }
 

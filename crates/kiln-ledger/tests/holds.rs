@@ -6,10 +6,10 @@ mod common;
 
 use std::sync::Arc;
 
-use common::Harness;
+use common::{Harness, discover_account, tamper};
 use kiln_ledger::{
-    AccountId, Action, Backend, Credits, EntryType, HoldStatus, LedgerError, NewAccount, PlanId,
-    Pricing, ReservationState, backends,
+    AccountId, Action, Backend, Credits, EntryType, HoldStatus, LedgerError, Pricing,
+    ReservationState, backends,
 };
 use tokio::task::JoinSet;
 
@@ -26,19 +26,7 @@ const MIN: i64 = 60_000;
 
 async fn setup(backend: Backend, connections: u32) -> (Harness, AccountId) {
     let h = Harness::with(backend, Pricing::default(), connections).await;
-    let new = NewAccount {
-        plan: PlanId::Discover,
-        is_admin: false,
-        email: None,
-        monthly_allowance: None,
-    };
-    let id = h
-        .ledger
-        .create_account(new)
-        .await
-        .expect("create")
-        .account
-        .id;
+    let id = discover_account(&h).await;
     (h, id)
 }
 
@@ -152,17 +140,7 @@ async fn a_hold_resolves_once(backend: Backend) {
     let _ = vid;
 
     // Another account cannot see or touch it.
-    let other = l
-        .create_account(NewAccount {
-            plan: PlanId::Discover,
-            is_admin: false,
-            email: None,
-            monthly_allowance: None,
-        })
-        .await
-        .expect("other")
-        .account
-        .id;
+    let other = discover_account(&h).await;
     assert!(matches!(
         l.hold(Some(other), hold.id).await,
         Err(LedgerError::HoldNotFound(_))
@@ -389,12 +367,7 @@ async fn audit_finds_a_hold_that_disagrees(backend: Backend) {
         .expect("hold");
     assert_clean(&h).await;
     let mut tx = h.ledger.db().begin().await.expect("begin");
-    let sql = "UPDATE holds SET status = 'captured'";
-    match &mut tx {
-        kiln_ledger::Tx::Postgres(c) => sqlx::query(sql).execute(&mut **c).await.map(drop),
-        kiln_ledger::Tx::Sqlite(c) => sqlx::query(sql).execute(&mut **c).await.map(drop),
-    }
-    .expect("tamper");
+    tamper(&mut tx, "UPDATE holds SET status = 'captured'").await;
     tx.commit().await.expect("commit");
     let breaches = h.ledger.audit().await.expect("audit");
     assert!(
