@@ -10,9 +10,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kiln_jobs::{JobId, JobStatus};
 use kiln_storage::{ObjectKey, Storage, StorageError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::error::ErrorBody;
 use crate::{Api, ApiError, Caller, observe};
 
 /// How long an asset URL works.
@@ -54,12 +55,26 @@ fn request_base(headers: &HeaderMap) -> String {
     format!("{proto}://{host}")
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/assets",
+    tag = "kits",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the job's id (a ULID)")),
+    responses(
+        (status = 200, description = "the manifest, each asset with a URL valid for an hour", body = AssetsView),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 404, description = "no such job of the caller's", body = ErrorBody),
+        (status = 409, description = "`not_ready`: the job has not succeeded; `status` says where it is", body = ErrorBody),
+        (status = 503, description = "`storage_unavailable`: try again", body = ErrorBody),
+    )
+)]
 pub(crate) async fn assets(
     State(api): State<Api>,
     Caller(a): Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AssetsView>, ApiError> {
     let id: JobId = id.parse().map_err(|_| ApiError::not_found("job"))?;
     observe::record("job_id", &id);
     let mut tx = api.queue.ledger().db().begin_read().await?;
@@ -82,50 +97,90 @@ pub(crate) async fn assets(
     };
     let key = ObjectKey::parse(&manifest_key).map_err(|e| ApiError::internal(&e))?;
     let raw = api.storage.get(&key).await.map_err(storage_error)?;
-    let mut manifest: Value = serde_json::from_slice(&raw).map_err(|e| ApiError::internal(&e))?;
+    let mut manifest: AssetsView =
+        serde_json::from_slice(&raw).map_err(|e| ApiError::internal(&e))?;
     let now = SystemTime::now();
     let base = request_base(&headers);
-    let sign = |key: &str| {
-        let storage = api.storage.clone();
-        let key = key.to_owned();
-        let base = base.clone();
-        async move {
-            let k = ObjectKey::parse(&key).map_err(|e| ApiError::internal(&e))?;
-            let url = storage
-                .presign_get(&k, now, URL_TTL)
-                .await
-                .map_err(storage_error)?;
-            Ok::<_, ApiError>(if url.starts_with('/') {
-                format!("{base}{url}")
-            } else {
-                url
-            })
-        }
+    let sign = async |key: &str| {
+        let k = ObjectKey::parse(key).map_err(|e| ApiError::internal(&e))?;
+        let url = api
+            .storage
+            .presign_get(&k, now, URL_TTL)
+            .await
+            .map_err(storage_error)?;
+        Ok::<_, ApiError>(if url.starts_with('/') {
+            format!("{base}{url}")
+        } else {
+            url
+        })
     };
-    if let Some(list) = manifest.get_mut("assets").and_then(Value::as_array_mut) {
-        for asset in list.iter_mut() {
-            let Some(k) = asset.get("key").and_then(Value::as_str).map(str::to_owned) else {
-                continue;
-            };
-            let url = sign(&k).await?;
-            asset["url"] = url.into();
-        }
+    for asset in &mut manifest.assets {
+        asset.url = sign(&asset.key).await?;
     }
     let expires = kiln_core::Timestamp::from_millis(
         kiln_core::Timestamp::now().millis() + i64::try_from(URL_TTL.as_millis()).unwrap_or(0),
     );
-    manifest["manifest_url"] = sign(&manifest_key).await?.into();
-    manifest["urls_expire_at"] = expires.rfc3339().into();
+    manifest.manifest_url = sign(&manifest_key).await?;
+    manifest.urls_expire_at = expires.rfc3339();
     Ok(Json(manifest))
 }
 
-#[derive(Debug, Deserialize)]
+/// A finished kit's manifest (`manifest.json`) with a signed URL for each file.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub(crate) struct AssetsView {
+    job: String,
+    kit: kiln_core::Kit,
+    /// Which generator made the kit: `kiln-studio/1`, or `kiln-studio/1+ai:<models>`.
+    generator: String,
+    assets: Vec<SignedAsset>,
+    /// The manifest itself.
+    #[serde(default)]
+    manifest_url: String,
+    /// When the URLs stop working (RFC 3339).
+    #[serde(default)]
+    #[schema(format = DateTime)]
+    urls_expire_at: String,
+}
+
+/// One file of a kit.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub(crate) struct SignedAsset {
+    key: String,
+    /// What the file is for: `main_image`, `line_sheet`, `listing_copy` ...
+    role: String,
+    content_type: String,
+    bytes: u64,
+    width: Option<u32>,
+    height: Option<u32>,
+    sha256: String,
+    alt: Option<String>,
+    /// The image checks it passed (sizes, background, fill), as measured.
+    #[schema(value_type = Option<Object>)]
+    quality: Option<Value>,
+    /// Valid until `urls_expire_at`.
+    #[serde(default)]
+    url: String,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct Signed {
     expires: Option<u64>,
     signature: Option<String>,
 }
 
 /// The local store's signed URLs. No API key: the signature is the permission.
+#[utoipa::path(
+    get,
+    path = "/v1/objects/{key}",
+    tag = "kits",
+    params(("key" = String, Path, description = "the object's key"), Signed),
+    responses(
+        (status = 200, description = "the file", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 403, description = "`url_expired` or `bad_signature`", body = ErrorBody),
+        (status = 404, description = "no such object, or not the local store", body = ErrorBody),
+    )
+)]
 pub(crate) async fn object(
     State(api): State<Api>,
     Path(key): Path<String>,

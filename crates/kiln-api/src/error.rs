@@ -146,3 +146,41 @@ impl From<JobsError> for ApiError {
         }
     }
 }
+
+/// The one error shape, as the OpenAPI document describes it: what `into_response` writes.
+#[allow(dead_code)]
+#[derive(Debug, utoipa::ToSchema)]
+pub(crate) struct ErrorBody {
+    error: ErrorObject,
+}
+
+/// `code` and `message` always; the other fields where the code has them.
+#[allow(dead_code)]
+#[derive(Debug, utoipa::ToSchema)]
+pub(crate) struct ErrorObject {
+    /// Stable, for programs: `unauthorized`, `forbidden`, `not_found`, `bad_request`,
+    /// `invalid_request`, `insufficient_credits`, `idempotency_conflict`, `rate_limited`,
+    /// `upload_too_large`, `unsupported_media_type`, `not_cancellable`, `not_ready`,
+    /// `hold_resolved`, `hold_expired`, `url_expired`, `bad_signature`, `storage_unavailable`,
+    /// `internal` ...
+    code: String,
+    /// For people.
+    message: String,
+    /// 402: credits the action costs.
+    needed: Option<kiln_core::Credits>,
+    /// 402: credits the account has.
+    available: Option<kiln_core::Credits>,
+    /// 402: `needed - available`.
+    shortfall: Option<kiln_core::Credits>,
+    /// 402: the packs on sale.
+    top_up_packs: Option<Vec<kiln_core::TopUpPack>>,
+    /// 422: the request field at fault.
+    field: Option<String>,
+    /// 409: where the job or hold stands.
+    status: Option<String>,
+    /// 500: quote it to support; the cause is logged under it.
+    request_id: Option<String>,
+    /// 503 (`/readyz`): whether each dependency answered.
+    database: Option<bool>,
+    storage: Option<bool>,
+}

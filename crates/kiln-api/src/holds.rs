@@ -10,9 +10,10 @@ use kiln_core::Action;
 use kiln_ledger::{Hold, HoldId, HoldStatus};
 use serde::{Deserialize, Serialize};
 
+use crate::error::ErrorBody;
 use crate::{Api, ApiError, Body, Caller, with_top_up_packs};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HoldBody {
     action: Action,
@@ -22,7 +23,7 @@ pub(crate) struct HoldBody {
 }
 
 /// The hold JSON.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct HoldView {
     id: HoldId,
     action: Action,
@@ -30,8 +31,11 @@ pub(crate) struct HoldView {
     amount: kiln_core::Credits,
     status: HoldStatus,
     idempotency_key: String,
+    #[schema(format = DateTime)]
     created_at: String,
+    #[schema(format = DateTime)]
     expires_at: String,
+    #[schema(format = DateTime)]
     resolved_at: Option<String>,
 }
 
@@ -55,6 +59,22 @@ fn hold_id(s: &str) -> Result<HoldId, ApiError> {
 }
 
 /// 201 with a new hold, 200 with the one this key already made; 402 if the account is short.
+#[utoipa::path(
+    post,
+    path = "/v1/holds",
+    tag = "holds",
+    security(("api_key" = [])),
+    request_body = HoldBody,
+    responses(
+        (status = 201, description = "held", body = HoldView),
+        (status = 200, description = "the hold this key already made", body = HoldView),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 402, description = "`insufficient_credits`: `needed`, `available`, `shortfall` and the `top_up_packs` that would cover it", body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`: the key was used for another request", body = ErrorBody),
+        (status = 422, description = "a body that does not parse, names unknown fields or breaks a rule; `field` names the culprit", body = ErrorBody),
+        (status = 429, description = "too many submissions: `Retry-After` says when to try again", body = ErrorBody),
+    )
+)]
 pub(crate) async fn create(
     State(api): State<Api>,
     Caller(a): Caller,
@@ -76,6 +96,18 @@ pub(crate) async fn create(
     Ok((status, Json(hold.into())))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/holds/{id}",
+    tag = "holds",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the hold's id (a ULID)")),
+    responses(
+        (status = 200, description = "the hold", body = HoldView),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 404, description = "no such hold of the caller's", body = ErrorBody),
+    )
+)]
 pub(crate) async fn get(
     State(api): State<Api>,
     Caller(a): Caller,
@@ -99,6 +131,19 @@ async fn resolve(
     Ok(Json(h.into()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/holds/{id}/capture",
+    tag = "holds",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the hold's id (a ULID)")),
+    responses(
+        (status = 200, description = "captured: the credits are charged (again: a no-op)", body = HoldView),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 404, description = "no such hold of the caller's", body = ErrorBody),
+        (status = 409, description = "`hold_resolved` (voided or expired; `status` says which) or `hold_expired`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn capture(
     State(api): State<Api>,
     caller: Caller,
@@ -107,6 +152,19 @@ pub(crate) async fn capture(
     resolve(&api, &caller, &id, HoldStatus::Captured).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/holds/{id}/void",
+    tag = "holds",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the hold's id (a ULID)")),
+    responses(
+        (status = 200, description = "voided: the credits are back (again: a no-op)", body = HoldView),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 404, description = "no such hold of the caller's", body = ErrorBody),
+        (status = 409, description = "`hold_resolved`: it was captured or expired; `status` says which", body = ErrorBody),
+    )
+)]
 pub(crate) async fn void(
     State(api): State<Api>,
     caller: Caller,

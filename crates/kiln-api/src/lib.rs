@@ -9,6 +9,7 @@
 //! - `admin`: operator actions
 //! - `limit`: the per-account submission rate limit
 //! - `observe`: request ids, spans, `/metrics`
+//! - `openapi`: `/v1/openapi.json`, derived from the handlers and their types
 
 mod admin;
 mod assets;
@@ -16,6 +17,7 @@ mod error;
 mod holds;
 mod limit;
 pub mod observe;
+pub mod openapi;
 
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
@@ -27,9 +29,10 @@ use kiln_jobs::{JobId, JobStatus, JobView, Queue};
 use kiln_ledger::{Account, NewAccount};
 use kiln_storage::Storage;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
 pub use error::ApiError;
+use error::ErrorBody;
 
 /// What the API is built from.
 #[derive(Clone, Debug)]
@@ -86,6 +89,7 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .route("/", get(web_page))
         .route("/metrics", get(observe::metrics))
+        .route("/v1/openapi.json", get(openapi::openapi_json))
         .route("/v1/holds", post(holds::create))
         .route("/v1/holds/{id}", get(holds::get))
         .route("/v1/holds/{id}/capture", post(holds::capture))
@@ -207,12 +211,35 @@ async fn web_page() -> impl axum::response::IntoResponse {
     )
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "service",
+    responses(
+        (status = 200, description = "alive", body = Status),
+    )
+)]
+async fn healthz() -> Json<Status> {
+    Json(Status { status: "ok" })
+}
+
+/// `{"status": "ok"}` (alive) or `{"status": "ready"}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct Status {
+    status: &'static str,
 }
 
 /// Ready when the database answers and the object store takes requests.
-async fn readyz(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "service",
+    responses(
+        (status = 200, description = "the database and the object store answer", body = Status),
+        (status = 503, description = "`not_ready`: `database` and `storage` say which is down", body = ErrorBody),
+    )
+)]
+async fn readyz(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
     let db = async {
         let mut tx = api.queue.ledger().db().begin_read().await?;
         kiln_jobs::queue_stats(&mut tx, api.queue.ledger().ctx().now).await?;
@@ -221,7 +248,7 @@ async fn readyz(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
     .await;
     let storage = api.storage.check().await;
     match (db, storage) {
-        (Ok(()), Ok(())) => Ok(Json(json!({ "status": "ready" }))),
+        (Ok(()), Ok(())) => Ok(Json(Status { status: "ready" })),
         (db, storage) => {
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -235,21 +262,52 @@ async fn readyz(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
     }
 }
 
-async fn prices(State(api): State<Api>) -> Json<Value> {
-    Json(json!(api.queue.ledger().pricing()))
+#[utoipa::path(
+    get,
+    path = "/v1/prices",
+    tag = "credits",
+    responses(
+        (status = 200, description = "action prices, plans and top-up packs", body = kiln_core::Pricing),
+    )
+)]
+async fn prices(State(api): State<Api>) -> Json<kiln_core::Pricing> {
+    Json(api.queue.ledger().pricing().clone())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/account",
+    tag = "credits",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "the caller's account", body = kiln_ledger::Account),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+    )
+)]
 async fn account(Caller(a): Caller) -> Json<Account> {
     Json(a)
 }
 
-async fn balance(State(api): State<Api>, Caller(a): Caller) -> Result<Json<Value>, ApiError> {
-    let b = api.queue.ledger().balance(a.id).await?;
-    Ok(Json(json!(b)))
+#[utoipa::path(
+    get,
+    path = "/v1/balance",
+    tag = "credits",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "spendable credits, by kind and expiry", body = kiln_ledger::Balance),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+    )
+)]
+async fn balance(
+    State(api): State<Api>,
+    Caller(a): Caller,
+) -> Result<Json<kiln_ledger::Balance>, ApiError> {
+    Ok(Json(api.queue.ledger().balance(a.id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct JobQuery {
     /// Seconds to wait for the job to change (at most 60); answered at once without it.
     wait: Option<u64>,
@@ -260,6 +318,19 @@ const MAX_WAIT_S: u64 = 60;
 
 /// The caller's job; with `?wait=S`, answered as soon as the job changes (or after S seconds,
 /// unchanged). A finished job answers at once.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "kits",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the job's id (a ULID)"), JobQuery),
+    responses(
+        (status = 200, description = "the job (with `wait`: once it changed, or when the wait is over)", body = kiln_jobs::JobView),
+        (status = 400, description = "a query parameter that does not parse", body = ErrorBody),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 404, description = "no such job of the caller's", body = ErrorBody),
+    )
+)]
 async fn job(
     State(api): State<Api>,
     Caller(a): Caller,
@@ -317,8 +388,9 @@ async fn job(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct JobsQuery {
     status: Option<JobStatus>,
     /// A job id: the page after it (jobs come newest first).
@@ -328,7 +400,7 @@ struct JobsQuery {
     idempotency_key: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct JobsPage {
     jobs: Vec<JobView>,
     /// Pass as `before` for the next page; absent on the last.
@@ -336,6 +408,18 @@ struct JobsPage {
     next_before: Option<JobId>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "kits",
+    security(("api_key" = [])),
+    params(JobsQuery),
+    responses(
+        (status = 200, description = "the caller's jobs, newest first", body = JobsPage),
+        (status = 400, description = "a query parameter that does not parse", body = ErrorBody),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+    )
+)]
 async fn jobs(
     State(api): State<Api>,
     Caller(a): Caller,
@@ -363,7 +447,7 @@ async fn jobs(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewAccountBody {
     email: Option<String>,
@@ -375,11 +459,24 @@ struct NewAccountBody {
 }
 
 /// Admin: opens an account; its API key is in this answer only.
+#[utoipa::path(
+    post,
+    path = "/v1/accounts",
+    tag = "admin",
+    security(("api_key" = [])),
+    request_body = NewAccountBody,
+    responses(
+        (status = 201, description = "the account and its API key, shown this once", body = kiln_ledger::CreatedAccount),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the API key is not an admin's", body = ErrorBody),
+        (status = 422, description = "a body that does not parse, names unknown fields or breaks a rule; `field` names the culprit", body = ErrorBody),
+    )
+)]
 async fn create_account(
     State(api): State<Api>,
     Admin(_): Admin,
     Body(b): Body<NewAccountBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<kiln_ledger::CreatedAccount>), ApiError> {
     let is_admin = match b.role.as_deref() {
         None | Some("member") => false,
         Some("admin") => true,
@@ -401,48 +498,72 @@ async fn create_account(
             monthly_allowance: b.monthly_allowance,
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(json!(created))))
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct LedgerQuery {
     after: Option<i64>,
     limit: Option<u32>,
 }
 
 /// The caller's journal, oldest first, paged by sequence number.
+#[utoipa::path(
+    get,
+    path = "/v1/ledger",
+    tag = "credits",
+    security(("api_key" = [])),
+    params(LedgerQuery),
+    responses(
+        (status = 200, description = "journal entries, oldest first", body = kiln_ledger::JournalPage),
+        (status = 400, description = "a query parameter that does not parse", body = ErrorBody),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+    )
+)]
 async fn ledger(
     State(api): State<Api>,
     Caller(a): Caller,
     query: Result<Query<LedgerQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<kiln_ledger::JournalPage>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let page = api
         .queue
         .ledger()
         .journal(a.id, q.after, q.limit.unwrap_or(100))
         .await?;
-    Ok(Json(json!(page)))
+    Ok(Json(page))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct QuoteBody {
     action: Action,
 }
 
 /// What an action would cost the caller now, before anything runs.
+#[utoipa::path(
+    post,
+    path = "/v1/quotes",
+    tag = "credits",
+    security(("api_key" = [])),
+    request_body = QuoteBody,
+    responses(
+        (status = 200, description = "the cost now, and whether the balance covers it", body = kiln_ledger::Quote),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 422, description = "a body that does not parse, names unknown fields or breaks a rule; `field` names the culprit", body = ErrorBody),
+    )
+)]
 async fn quote(
     State(api): State<Api>,
     Caller(a): Caller,
     Body(b): Body<QuoteBody>,
-) -> Result<Json<Value>, ApiError> {
-    let q = api.queue.ledger().quote(a.id, b.action).await?;
-    Ok(Json(json!(q)))
+) -> Result<Json<kiln_ledger::Quote>, ApiError> {
+    Ok(Json(api.queue.ledger().quote(a.id, b.action).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ChargeBody {
     action: Action,
@@ -450,21 +571,35 @@ struct ChargeBody {
 }
 
 /// Charges an action at once (Cara metering: charged on send), idempotent by key; 402 if short.
+#[utoipa::path(
+    post,
+    path = "/v1/charges",
+    tag = "credits",
+    security(("api_key" = [])),
+    request_body = ChargeBody,
+    responses(
+        (status = 201, description = "charged (or the charge this key already made)", body = kiln_ledger::Reservation),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 402, description = "`insufficient_credits`: `needed`, `available`, `shortfall` and the `top_up_packs` that would cover it", body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`: the key was used for another request", body = ErrorBody),
+        (status = 422, description = "a body that does not parse, names unknown fields or breaks a rule; `field` names the culprit", body = ErrorBody),
+    )
+)]
 async fn charge(
     State(api): State<Api>,
     Caller(a): Caller,
     Body(b): Body<ChargeBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<kiln_ledger::Reservation>), ApiError> {
     let r = api
         .queue
         .ledger()
         .charge(a.id, b.action, &b.idempotency_key)
         .await
         .map_err(|e| with_top_up_packs(&api, e))?;
-    Ok((StatusCode::CREATED, Json(json!(r))))
+    Ok((StatusCode::CREATED, Json(r)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TopUpBody {
     pack: String,
@@ -472,20 +607,46 @@ struct TopUpBody {
 }
 
 /// Buys a top-up pack for the caller; idempotent by payment reference.
+#[utoipa::path(
+    post,
+    path = "/v1/topups",
+    tag = "credits",
+    security(("api_key" = [])),
+    request_body = TopUpBody,
+    responses(
+        (status = 201, description = "the pack's grant (or the one this payment reference already made)", body = kiln_ledger::Grant),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`: the payment reference was used for another pack or account", body = ErrorBody),
+        (status = 422, description = "a body that does not parse, names unknown fields or breaks a rule; `field` names the culprit", body = ErrorBody),
+    )
+)]
 async fn topup(
     State(api): State<Api>,
     Caller(a): Caller,
     Body(b): Body<TopUpBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<kiln_ledger::Grant>), ApiError> {
     let g = api
         .queue
         .ledger()
         .topup(a.id, &b.pack, &b.payment_ref)
         .await?;
-    Ok((StatusCode::CREATED, Json(json!(g))))
+    Ok((StatusCode::CREATED, Json(g)))
 }
 
 /// Cancels the caller's queued job and releases its credits; 409 once it has started.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    tag = "kits",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the job's id (a ULID)")),
+    responses(
+        (status = 200, description = "cancelled, credits released", body = kiln_jobs::JobView),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 404, description = "no such job of the caller's", body = ErrorBody),
+        (status = 409, description = "`not_cancellable`: the job has started or finished", body = ErrorBody),
+    )
+)]
 async fn cancel(
     State(api): State<Api>,
     Caller(a): Caller,
@@ -557,12 +718,33 @@ fn field_missing(name: &str) -> ApiError {
 /// the bytes (415), the spec (422, naming the field), the whole image decoded (422) — and
 /// nothing is charged for a refused request. `Idempotency-Key`: the same key for the same order
 /// returns its job (200), for another order 409; without one, every request is a new order.
+#[utoipa::path(
+    post,
+    path = "/v1/kits",
+    tag = "kits",
+    security(("api_key" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key for the same order returns its job; without one every request is a new order")),
+    request_body(content = KitForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 202, description = "queued: credits held until the kit is done", body = KitAccepted),
+        (status = 200, description = "a replay: the job this key already ordered", body = KitAccepted),
+        (status = 400, description = "a multipart body that does not parse", body = ErrorBody),
+        (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
+        (status = 402, description = "`insufficient_credits`: `needed`, `available`, `shortfall` and the `top_up_packs` that would cover it", body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`: the key was used for another order", body = ErrorBody),
+        (status = 413, description = "`upload_too_large`: the design is over 40 MB (or the spec over 64 KB)", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not multipart, or the design is not a JPEG, PNG or WebP", body = ErrorBody),
+        (status = 422, description = "a bad spec or kit (`field` names it) or an image that does not decode", body = ErrorBody),
+        (status = 429, description = "too many submissions: `Retry-After` says when to try again", body = ErrorBody),
+        (status = 503, description = "`storage_unavailable`: try again", body = ErrorBody),
+    )
+)]
 async fn create_kit(
     State(api): State<Api>,
     Caller(a): Caller,
     headers: axum::http::HeaderMap,
     multipart: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<KitAccepted>), ApiError> {
     api.limit(a.id)?;
     let mut multipart = multipart.map_err(|e| {
         ApiError::new(
@@ -640,8 +822,31 @@ async fn create_kit(
     };
     Ok((
         status,
-        Json(json!({ "job": accepted.job.view(), "replayed": accepted.replayed })),
+        Json(KitAccepted {
+            job: accepted.job.view(),
+            replayed: accepted.replayed,
+        }),
     ))
+}
+
+/// A kit order's answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct KitAccepted {
+    job: JobView,
+    /// True when the Idempotency-Key had already ordered this kit: nothing new was charged.
+    replayed: bool,
+}
+
+/// The kit order form (what `POST /v1/kits` reads, field by field).
+#[allow(dead_code)]
+#[derive(Debug, utoipa::ToSchema)]
+struct KitForm {
+    /// The design photograph: JPEG, PNG or WebP, at most 40 MB.
+    #[schema(value_type = String, format = Binary)]
+    design: Vec<u8>,
+    /// The product spec, JSON (DESIGN.md §6: `style_number`, `name`, `category` required).
+    spec: String,
+    kit: kiln_core::Kit,
 }
 
 fn intake_error(api: &Api, e: kiln_producer::IntakeError) -> ApiError {

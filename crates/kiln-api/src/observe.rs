@@ -146,6 +146,14 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// `GET /metrics`: Prometheus text format 0.0.4.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses(
+        (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4"),
+    )
+)]
 pub async fn metrics(State(api): State<Api>) -> Response {
     let mut out = String::new();
     let ledger = api.queue.ledger();

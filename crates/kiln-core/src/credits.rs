@@ -8,9 +8,21 @@ use serde::{Deserialize, Serialize};
 
 /// An amount of Studio Credits. Always `0..=Credits::MAX`.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(try_from = "i64", into = "u64")]
+#[schema(value_type = u64)]
 pub struct Credits(u64);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

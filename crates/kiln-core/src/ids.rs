@@ -15,8 +15,21 @@ pub struct IdError {
 }
 
 /// An account. Displayed and stored as its 26-character ULID.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(transparent)]
+#[schema(value_type = String, example = "01KBG8N7ZQ3W5Y6X9R2T4V8M1C")]
 pub struct AccountId(Ulid);
 
 impl AccountId {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Action, Credits, PlanId};
 
 /// A subscription plan as configured.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Plan {
     pub id: PlanId,
     /// Credits granted at the start of every billing cycle. `None` on Enterprise means the
@@ -23,7 +23,7 @@ pub struct Plan {
 }
 
 /// A pack of top-up credits. Top-up credits never expire.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TopUpPack {
     pub id: String,
@@ -32,7 +32,7 @@ pub struct TopUpPack {
 }
 
 /// The whole price list, valid by construction.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Pricing {
     actions: BTreeMap<Action, Credits>,
     plans: BTreeMap<PlanId, Plan>,

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Fence, JobId, JobsError, NewJob, Result, TaskId, WorkerName};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Queued,
@@ -54,7 +54,7 @@ impl std::fmt::Display for JobStatus {
 }
 
 /// The charge behind a job, as users see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Charge {
     Held,
@@ -63,14 +63,14 @@ pub enum Charge {
     Exempt,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Progress {
     pub step: Option<String>,
     pub done: u32,
     pub total: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JobError {
     pub code: String,
     pub message: String,
@@ -106,7 +106,7 @@ pub struct KitJob {
 }
 
 /// The job JSON of DESIGN.md §6.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: JobId,
     pub kit: Kit,
@@ -115,8 +115,11 @@ pub struct JobView {
     pub attempts: u32,
     pub cost: Credits,
     pub charge: Charge,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub started_at: Option<String>,
+    #[schema(format = DateTime)]
     pub finished_at: Option<String>,
     pub error: Option<JobError>,
 }

@@ -5,11 +5,11 @@ use std::fmt;
 use kiln_core::{AccountId, Action, CreditKind, Credits, PlanId, Timestamp};
 use serde::Serialize;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, utoipa::ToSchema)]
 #[serde(transparent)]
 pub struct GrantId(pub i64);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, utoipa::ToSchema)]
 #[serde(transparent)]
 pub struct ReservationId(pub i64);
 
@@ -25,7 +25,7 @@ impl fmt::Display for ReservationId {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReservationState {
     Held,
@@ -50,7 +50,7 @@ impl fmt::Display for ReservationState {
 }
 
 /// How a reservation was made: a hold to resolve later, or a charge committed at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Operation {
     Reserve,
@@ -66,7 +66,7 @@ impl Operation {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Account {
     pub id: AccountId,
     pub email: Option<String>,
@@ -87,14 +87,14 @@ pub struct NewAccount {
 }
 
 /// A new account and its API key, which is shown this once and stored only as a hash.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedAccount {
     #[serde(flatten)]
     pub account: Account,
     pub api_key: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Grant {
     pub id: GrantId,
     pub account_id: AccountId,
@@ -107,7 +107,7 @@ pub struct Grant {
     pub source: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Reservation {
     pub id: ReservationId,
     pub account_id: AccountId,
@@ -124,14 +124,14 @@ pub struct Reservation {
     pub resolved_at: Option<Timestamp>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct KindBalance {
     pub kind: CreditKind,
     pub remaining: Credits,
     pub expires_at: Option<Timestamp>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Balance {
     pub available: Credits,
     pub held: Credits,
@@ -142,7 +142,7 @@ pub struct Balance {
     pub by_kind: Vec<KindBalance>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Quote {
     pub action: Action,
     pub cost: Credits,
@@ -152,7 +152,7 @@ pub struct Quote {
     pub shortfall: Credits,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EntryType {
     Grant,
@@ -174,7 +174,7 @@ impl EntryType {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JournalEntry {
     pub seq: i64,
     pub at: Timestamp,
@@ -190,7 +190,7 @@ pub struct JournalEntry {
     pub held_after: Credits,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JournalPage {
     pub entries: Vec<JournalEntry>,
     /// Pass as `after` to read the next page; `None` on the last page.
@@ -198,8 +198,9 @@ pub struct JournalPage {
 }
 
 /// A hold for a tool call. Displayed and stored as its 26-character ULID.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, utoipa::ToSchema)]
 #[serde(transparent)]
+#[schema(value_type = String)]
 pub struct HoldId(ulid::Ulid);
 
 impl HoldId {
@@ -229,7 +230,7 @@ impl fmt::Display for HoldId {
 /// Where a hold stands. Only `Held` moves, and only once: to `Captured` (its reservation
 /// committed), `Voided` (released on request) or `Expired` (released by maintenance at its
 /// expiry).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HoldStatus {
     Held,
@@ -277,7 +278,7 @@ impl std::str::FromStr for HoldStatus {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Hold {
     pub id: HoldId,
     pub account_id: AccountId,

@@ -1,0 +1,88 @@
+//! `GET /v1/openapi.json`: the OpenAPI 3.1 document, derived at build time from the handlers'
+//! `#[utoipa::path]` annotations and the types they read and write (utoipa), never by hand.
+
+use std::sync::OnceLock;
+
+use axum::response::{IntoResponse, Response};
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+use crate::{admin, assets, holds, observe};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "kiln",
+        description = "Asset kits for jewelry designs, billed in Studio Credits: accounts and \
+                       balances, quotes, charges and top-ups, holds for tool calls, kit orders and \
+                       their jobs and files. Errors are `{\"error\": {\"code\", \"message\", ...}}`; \
+                       anything owned by another account is 404.",
+    ),
+    paths(
+        crate::healthz,
+        crate::readyz,
+        observe::metrics,
+        crate::prices,
+        crate::create_account,
+        crate::account,
+        crate::balance,
+        crate::ledger,
+        crate::quote,
+        crate::charge,
+        crate::topup,
+        holds::create,
+        holds::get,
+        holds::capture,
+        holds::void,
+        crate::create_kit,
+        crate::jobs,
+        crate::job,
+        crate::cancel,
+        assets::assets,
+        assets::object,
+        admin::set_plan,
+        admin::grant,
+    ),
+    modifiers(&ApiKey),
+    tags(
+        (name = "service", description = "liveness, readiness, metrics"),
+        (name = "credits", description = "prices, balances, the journal, quotes, charges, top-ups"),
+        (name = "holds", description = "credits held for a tool call, then captured or voided"),
+        (name = "kits", description = "kit orders, their jobs and their files"),
+        (name = "admin", description = "operator actions (admin API keys)"),
+    )
+)]
+struct Doc;
+
+/// `Authorization: Bearer <api key>`.
+struct ApiKey;
+
+impl utoipa::Modify for ApiKey {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "api_key",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some("an API key, shown once when the account is opened"))
+                        .build(),
+                ),
+            );
+    }
+}
+
+/// The document, as JSON.
+pub fn document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        Doc::openapi()
+            .to_pretty_json()
+            .expect("the document serialises")
+    })
+}
+
+pub(crate) async fn openapi_json() -> Response {
+    ([("content-type", "application/json")], document()).into_response()
+}
