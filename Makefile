@@ -22,11 +22,13 @@ test: services build
 
 ## PostgreSQL on 127.0.0.1:5432 (started, or installed with apt-get), the s3s-fs test server
 ## (installed with cargo when missing), Chromium and chromedriver for the browser test
-## (apt-get), and stale test databases gone.
+## (apt-get), schemathesis for the OpenAPI test (PyPI, in a virtualenv), and stale test
+## databases gone.
 services:
 	@scripts/ensure-postgres.sh
 	@scripts/ensure-s3s.sh
 	@scripts/ensure-chromium.sh
+	@scripts/ensure-schemathesis.sh >/dev/null
 	@$(MAKE) -s clean-test-dbs
 
 ## The binaries the end-to-end tests run (cargo test alone builds only test harnesses), built

@@ -17,6 +17,7 @@ use crate::{Api, ApiError, Body, Caller, with_top_up_packs};
 #[serde(deny_unknown_fields)]
 pub(crate) struct HoldBody {
     action: Action,
+    #[schema(min_length = 1, max_length = 200)]
     idempotency_key: String,
     /// Seconds until an unresolved hold is voided: 1 to 86400, default 900.
     expires_in_s: Option<i64>,

@@ -52,11 +52,14 @@ pub struct Api {
     pub max_attempts: u32,
     limiter: std::sync::Arc<limit::RateLimiter>,
     metrics: std::sync::Arc<observe::Metrics>,
+    /// `/v1/openapi.json`, with this server's price list in it.
+    openapi: std::sync::Arc<str>,
 }
 
 impl Api {
     pub fn new(queue: Queue, storage: Storage, cfg: &ApiConfig) -> Api {
         Api {
+            openapi: openapi::document(queue.ledger().pricing()).into(),
             queue,
             storage,
             max_attempts: cfg.max_attempts,
@@ -310,6 +313,7 @@ async fn balance(
 #[into_params(parameter_in = Query)]
 struct JobQuery {
     /// Seconds to wait for the job to change (at most 60); answered at once without it.
+    #[param(maximum = 60)]
     wait: Option<u64>,
 }
 
@@ -567,6 +571,7 @@ async fn quote(
 #[serde(deny_unknown_fields)]
 struct ChargeBody {
     action: Action,
+    #[schema(min_length = 1, max_length = 200)]
     idempotency_key: String,
 }
 
@@ -602,7 +607,10 @@ async fn charge(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TopUpBody {
+    /// A pack id from `/v1/prices` (the document lists the packs this server sells).
     pack: String,
+    /// The payment's reference: the same one again returns the same grant.
+    #[schema(min_length = 1, max_length = 200)]
     payment_ref: String,
 }
 

@@ -1,13 +1,13 @@
 //! `GET /v1/openapi.json`: the OpenAPI 3.1 document, derived at build time from the handlers'
 //! `#[utoipa::path]` annotations and the types they read and write (utoipa), never by hand.
 
-use std::sync::OnceLock;
-
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{RefOr, schema::Schema};
 
-use crate::{admin, assets, holds, observe};
+use crate::{Api, admin, assets, holds, observe};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -73,16 +73,27 @@ impl utoipa::Modify for ApiKey {
     }
 }
 
-/// The document, as JSON.
-pub fn document() -> &'static str {
-    static DOC: OnceLock<String> = OnceLock::new();
-    DOC.get_or_init(|| {
-        Doc::openapi()
-            .to_pretty_json()
-            .expect("the document serialises")
-    })
+/// The document, as JSON, naming the top-up packs `pricing` sells (they are configuration, so
+/// the one thing the types cannot say).
+pub fn document(pricing: &kiln_core::Pricing) -> String {
+    let mut doc = Doc::openapi();
+    let packs: Vec<&str> = pricing.packs().iter().map(|p| p.id.as_str()).collect();
+    let body = doc
+        .components
+        .as_mut()
+        .and_then(|c| c.schemas.get_mut("TopUpBody"));
+    if let Some(RefOr::T(Schema::Object(body))) = body
+        && let Some(RefOr::T(Schema::Object(pack))) = body.properties.get_mut("pack")
+    {
+        pack.enum_values = Some(packs.into_iter().map(Into::into).collect());
+    }
+    doc.to_pretty_json().expect("the document serialises")
 }
 
-pub(crate) async fn openapi_json() -> Response {
-    ([("content-type", "application/json")], document()).into_response()
+pub(crate) async fn openapi_json(State(api): State<Api>) -> Response {
+    (
+        [("content-type", "application/json")],
+        api.openapi.to_string(),
+    )
+        .into_response()
 }
