@@ -25,6 +25,7 @@ pub(crate) struct PlanBody {
 #[utoipa::path(
     put,
     path = "/v1/admin/accounts/{id}/plan",
+    operation_id = "set_plan",
     tag = "admin",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the account's id (a ULID)")),
@@ -63,6 +64,7 @@ pub(crate) struct GrantBody {
 #[utoipa::path(
     post,
     path = "/v1/admin/accounts/{id}/grants",
+    operation_id = "grant_credits",
     tag = "admin",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the account's id (a ULID)")),

@@ -58,6 +58,7 @@ fn request_base(headers: &HeaderMap) -> String {
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/assets",
+    operation_id = "job_assets",
     tag = "kits",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the job's id (a ULID)")),
@@ -173,6 +174,7 @@ pub(crate) struct Signed {
 #[utoipa::path(
     get,
     path = "/v1/objects/{key}",
+    operation_id = "get_object",
     tag = "kits",
     params(("key" = String, Path, description = "the object's key"), Signed),
     responses(

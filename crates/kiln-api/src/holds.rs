@@ -63,6 +63,7 @@ fn hold_id(s: &str) -> Result<HoldId, ApiError> {
 #[utoipa::path(
     post,
     path = "/v1/holds",
+    operation_id = "create_hold",
     tag = "holds",
     security(("api_key" = [])),
     request_body = HoldBody,
@@ -100,6 +101,7 @@ pub(crate) async fn create(
 #[utoipa::path(
     get,
     path = "/v1/holds/{id}",
+    operation_id = "get_hold",
     tag = "holds",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the hold's id (a ULID)")),
@@ -135,6 +137,7 @@ async fn resolve(
 #[utoipa::path(
     post,
     path = "/v1/holds/{id}/capture",
+    operation_id = "capture_hold",
     tag = "holds",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the hold's id (a ULID)")),
@@ -156,6 +159,7 @@ pub(crate) async fn capture(
 #[utoipa::path(
     post,
     path = "/v1/holds/{id}/void",
+    operation_id = "void_hold",
     tag = "holds",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the hold's id (a ULID)")),

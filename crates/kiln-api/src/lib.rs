@@ -325,6 +325,7 @@ const MAX_WAIT_S: u64 = 60;
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}",
+    operation_id = "get_job",
     tag = "kits",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the job's id (a ULID)"), JobQuery),
@@ -415,6 +416,7 @@ struct JobsPage {
 #[utoipa::path(
     get,
     path = "/v1/jobs",
+    operation_id = "list_jobs",
     tag = "kits",
     security(("api_key" = [])),
     params(JobsQuery),
@@ -517,6 +519,7 @@ struct LedgerQuery {
 #[utoipa::path(
     get,
     path = "/v1/ledger",
+    operation_id = "journal",
     tag = "credits",
     security(("api_key" = [])),
     params(LedgerQuery),
@@ -645,6 +648,7 @@ async fn topup(
 #[utoipa::path(
     post,
     path = "/v1/jobs/{id}/cancel",
+    operation_id = "cancel_job",
     tag = "kits",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the job's id (a ULID)")),
@@ -729,6 +733,7 @@ fn field_missing(name: &str) -> ApiError {
 #[utoipa::path(
     post,
     path = "/v1/kits",
+    operation_id = "order_kit",
     tag = "kits",
     security(("api_key" = [])),
     params(("Idempotency-Key" = Option<String>, Header, description = "the same key for the same order returns its job; without one every request is a new order")),
