@@ -906,3 +906,153 @@ async fn kit_to_files_on_postgres_and_s3() {
     let pg = kiln_e2e::PgDb::new();
     kit_to_files(&pg.url).await;
 }
+
+/// The request body as the handlers pull it: every byte counted, and the largest chunk.
+struct Counted {
+    inner: axum::body::BodyDataStream,
+    read: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    biggest: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl futures_core::Stream for Counted {
+    type Item = Result<bytes::Bytes, axum::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let polled = std::pin::Pin::new(&mut self.inner).poll_next(cx);
+        if let std::task::Poll::Ready(Some(Ok(chunk))) = &polled {
+            self.read.fetch_add(chunk.len(), Relaxed);
+            self.biggest.fetch_max(chunk.len(), Relaxed);
+        }
+        polled
+    }
+}
+
+/// An upload over the limit is refused (413, nothing charged) once the server has read at most
+/// the limit plus the chunk that crossed it: never the rest of the body. Measured by counting
+/// what the router pulls from the request body, over real HTTP, while the client sends 16 MB
+/// more: once with a `Content-Length` and once chunked, with no length to go by. (Without this
+/// test's counting wrapper, which hides the length, a `Content-Length` over the form's limit is
+/// refused before a byte is read.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_upload_is_refused_after_the_limit_and_one_chunk() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = kiln_e2e::Scratch::new();
+    let s = serve(&format!("sqlite://{}/kiln.db", dir.0.display())).await;
+    let (_, key) = account(&s, false).await;
+    let (read, biggest) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let cfg = kiln_api::ApiConfig {
+        max_attempts: 3,
+        submit_burst: 10,
+        submit_per_minute: 10,
+    };
+    let api = kiln_api::Api::new(s.app.queue().clone(), s.app.storage().clone(), &cfg);
+    let (r, b) = (read.clone(), biggest.clone());
+    let router = kiln_api::router(api).layer(axum::middleware::map_request(
+        move |req: axum::extract::Request| {
+            let (r, b) = (r.clone(), b.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                let counted = Counted {
+                    inner: body.into_data_stream(),
+                    read: r,
+                    biggest: b,
+                };
+                axum::extract::Request::from_parts(parts, axum::body::Body::from_stream(counted))
+            }
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    // spec and kit first, then a design 16 MB over the limit (a JPEG's first bytes, then zeros).
+    let boundary = "kiln-limit-boundary";
+    let spec = r#"{"style_number": "A-1", "name": "Ring", "category": "ring"}"#;
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"spec\"\r\n\r\n{spec}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"kit\"\r\n\r\nessentials\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"design\"; filename=\"d.jpg\"\r\n\
+         Content-Type: image/jpeg\r\n\r\n"
+    )
+    .into_bytes();
+    let preamble = body.len();
+    let (limit, over) = (kiln_api::MAX_DESIGN_BYTES, 16 * 1024 * 1024);
+    body.extend_from_slice(&[0xFF, 0xD8, 0xFF, 0xE0]);
+    body.resize(preamble + limit + over, 0);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let sent = body.len();
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    let check = |how: &str, status: u16, answer: &str| {
+        let (read, chunk) = (read.swap(0, Relaxed), biggest.swap(0, Relaxed));
+        eprintln!(
+            "{how}: sent {sent} bytes; the server read {read} (design limit {limit} after a \
+             {preamble}-byte preamble), largest chunk {chunk}"
+        );
+        assert_eq!(status, 413, "{how}: {answer}");
+        assert!(answer.contains("upload_too_large"), "{how}: {answer}");
+        assert!(
+            read <= preamble + limit + chunk,
+            "{how}: read {read} bytes, more than the limit plus one chunk of {chunk}"
+        );
+        assert!(read < sent - over / 2, "{how}: read {read} of {sent}");
+    };
+
+    // With a Content-Length over the form's limit.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let resp = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/kits"))
+        .bearer_auth(&key)
+        .header("content-type", &content_type)
+        .body(body.clone())
+        .send()
+        .await
+        .expect("the 413 arrives while the body is still being sent");
+    let status = resp.status().as_u16();
+    check("content-length", status, &resp.text().await.expect("body"));
+
+    // Chunked: no length, so the design's limit is met while reading it. The answer is read
+    // while the body is still being written; writing stops once the server hangs up.
+    let conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr) = conn.into_split();
+    let answer = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = rd.read_to_end(&mut buf).await;
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    let head = format!(
+        "POST /v1/kits HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let write = async {
+        wr.write_all(head.as_bytes()).await?;
+        for piece in body.chunks(64 * 1024) {
+            let mut framed = format!("{:x}\r\n", piece.len()).into_bytes();
+            framed.extend_from_slice(piece);
+            framed.extend_from_slice(b"\r\n");
+            wr.write_all(&framed).await?;
+        }
+        wr.write_all(b"0\r\n\r\n").await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(120), write)
+        .await
+        .expect("the server neither read the body nor hung up");
+    let answer = answer.await.expect("reader");
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    check("chunked", status, &answer);
+
+    let (status, balance) = get(&s, "/v1/balance", Some(&key)).await;
+    assert_eq!(status, 200);
+    assert_eq!(balance["held"], 0, "nothing held: {balance}");
+}

@@ -113,11 +113,9 @@ pub fn router(api: Api) -> Router {
         .route("/v1/topups", post(topup))
         .route(
             "/v1/kits",
-            // The design's own limit is enforced while reading (`read_field`); this only keeps
-            // axum's 2 MB default from refusing first, without our error shape.
-            post(create_kit).layer(axum::extract::DefaultBodyLimit::max(
-                MAX_DESIGN_BYTES + MAX_SPEC_BYTES + 64 * 1024,
-            )),
+            // Each field's limit is enforced while reading it (`read_field`); the whole form's
+            // here, so a `Content-Length` over it is a 413 before anything is read.
+            post(create_kit).layer(axum::extract::DefaultBodyLimit::max(FORM_LIMIT)),
         )
         .route("/v1/jobs", get(jobs))
         .route("/v1/jobs/{id}", get(job))
@@ -689,6 +687,8 @@ pub(crate) fn with_top_up_packs(api: &Api, e: kiln_ledger::LedgerError) -> ApiEr
 pub const MAX_DESIGN_BYTES: usize = 40 * 1024 * 1024;
 /// The largest spec accepted.
 const MAX_SPEC_BYTES: usize = 64 * 1024;
+/// The largest kit order form: the design, the spec, the kit and the form's own framing.
+const FORM_LIMIT: usize = MAX_DESIGN_BYTES + MAX_SPEC_BYTES + 64 * 1024;
 
 /// Reads one multipart field, refusing it as soon as it passes `limit` bytes (413): the body is
 /// never read further than the limit plus the chunk that crossed it.
@@ -698,11 +698,7 @@ async fn read_field(
     what: &str,
 ) -> Result<Vec<u8>, ApiError> {
     let mut out = Vec::new();
-    while let Some(chunk) = field
-        .chunk()
-        .await
-        .map_err(|e| ApiError::bad_request(format!("the upload broke off: {}", e.body_text())))?
-    {
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
         if out.len() + chunk.len() > limit {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -713,6 +709,20 @@ async fn read_field(
         out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+/// A multipart body that cannot be read: 413 when it is over the whole form's limit (a
+/// `Content-Length` over it is refused before a byte is read), else 400.
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "upload_too_large",
+            format!("the upload is larger than {FORM_LIMIT} bytes"),
+        )
+    } else {
+        ApiError::bad_request(format!("the upload broke off: {}", e.body_text()))
+    }
 }
 
 fn field_missing(name: &str) -> ApiError {
@@ -767,11 +777,7 @@ async fn create_kit(
         )
     })?;
     let (mut design, mut spec, mut kit) = (None, None, None);
-    while let Some(mut field) = multipart
-        .next_field()
-        .await
-        .map_err(|e| ApiError::bad_request(e.body_text()))?
-    {
+    while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
         match field.name().unwrap_or_default() {
             "design" => {
                 design = Some(read_field(&mut field, MAX_DESIGN_BYTES, "the design").await?)
