@@ -11,6 +11,14 @@ if [ -x "$venv/bin/st" ] && "$venv/bin/st" --version >/dev/null 2>&1; then
     echo "$venv/bin/st"
     exit 0
 fi
+# One installer at a time (the two OpenAPI tests may ask at once); the next finds it done.
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
+if [ -x "$venv/bin/st" ] && "$venv/bin/st" --version >/dev/null 2>&1; then
+    echo "$venv/bin/st"
+    exit 0
+fi
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     say "installing python3 and python3-venv with apt-get (once)"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
