@@ -78,12 +78,10 @@ pub(crate) async fn assets(
 ) -> Result<Json<AssetsView>, ApiError> {
     let id: JobId = id.parse().map_err(|_| ApiError::not_found("job"))?;
     observe::record("job_id", &id);
-    let mut tx = api.queue.ledger().db().begin_read().await?;
-    let job = kiln_jobs::job(&mut tx, &id)
+    let job = kiln_jobs::read_job(api.queue.ledger().db(), &id)
         .await?
         .filter(|j| j.account_id == a.id)
         .ok_or_else(|| ApiError::not_found(format_args!("job {id}")))?;
-    drop(tx);
     let manifest_key = match (&job.status, &job.manifest_key) {
         (JobStatus::Succeeded, Some(k)) => k.clone(),
         (status, _) => {

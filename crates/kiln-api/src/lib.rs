@@ -15,6 +15,7 @@ mod admin;
 mod assets;
 mod error;
 mod holds;
+mod keys;
 mod limit;
 pub mod observe;
 pub mod openapi;
@@ -54,6 +55,7 @@ pub struct Api {
     metrics: std::sync::Arc<observe::Metrics>,
     /// `/v1/openapi.json`, with this server's price list in it.
     openapi: std::sync::Arc<str>,
+    keys: std::sync::Arc<keys::KeyCache>,
 }
 
 impl Api {
@@ -68,6 +70,7 @@ impl Api {
                 cfg.submit_per_minute,
             )),
             metrics: std::sync::Arc::default(),
+            keys: std::sync::Arc::default(),
         }
     }
 
@@ -144,7 +147,18 @@ impl FromRequestParts<Api> for Caller {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(ApiError::unauthorized)?;
-        match api.queue.ledger().account_by_api_key(key).await? {
+        let now = std::time::Instant::now();
+        let found = match api.keys.get(key, now) {
+            Some(a) => Some(a),
+            None => {
+                let found = api.queue.ledger().account_by_api_key(key).await?;
+                if let Some(a) = &found {
+                    api.keys.put(key, a, now);
+                }
+                found
+            }
+        };
+        match found {
             Some(a) => {
                 observe::record("account_id", &a.id);
                 Ok(Caller(a))
@@ -285,8 +299,9 @@ async fn prices(State(api): State<Api>) -> Json<kiln_core::Pricing> {
         (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
     )
 )]
-async fn account(Caller(a): Caller) -> Json<Account> {
-    Json(a)
+/// The caller's account, read afresh (the key lookup may be a few seconds old).
+async fn account(State(api): State<Api>, Caller(a): Caller) -> Result<Json<Account>, ApiError> {
+    Ok(Json(api.queue.ledger().account(a.id).await?))
 }
 
 #[utoipa::path(
@@ -349,8 +364,7 @@ async fn job(
     let read = |api: &Api| {
         let (api, id) = (api.clone(), id.clone());
         async move {
-            let mut tx = api.queue.ledger().db().begin_read().await?;
-            let found = kiln_jobs::job(&mut tx, &id).await?;
+            let found = kiln_jobs::read_job(api.queue.ledger().db(), &id).await?;
             match found.filter(|j| j.account_id == a.id) {
                 Some(j) => Ok(j.view()),
                 None => Err(ApiError::not_found(format_args!("job {id}"))),

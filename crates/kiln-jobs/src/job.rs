@@ -254,6 +254,16 @@ pub async fn job(tx: &mut Tx, id: &JobId) -> Result<Option<KitJob>> {
     row.map(KitJob::try_from).transpose()
 }
 
+/// The same read as `job`, as one statement outside any transaction: what a status poll needs.
+pub async fn read_job(db: &kiln_ledger::Db, id: &JobId) -> Result<Option<KitJob>> {
+    let sql = format!("{SELECT_JOB} WHERE j.id = $1");
+    let row: Option<JobRow> = kiln_ledger::on_pool!(db, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+        .bind(id.as_str())
+        .fetch_optional(p)
+        .await?);
+    row.map(KitJob::try_from).transpose()
+}
+
 pub async fn job_by_key(tx: &mut Tx, account: AccountId, key: &str) -> Result<Option<KitJob>> {
     let sql = format!("{SELECT_JOB} WHERE j.account_id = $1 AND j.idempotency_key = $2");
     let row: Option<JobRow> = on_tx!(tx, c => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))

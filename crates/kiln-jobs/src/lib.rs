@@ -37,7 +37,9 @@ use kiln_ledger::{Db, Ledger, LedgerError, Schema};
 pub use apalis::{KitTask, LiveWorker, TASK_DELIVERIES, live_workers, prune_tasks};
 pub use enqueue::{Enqueued, NewJob, check_order_key, enqueue, submit};
 pub use ids::{Fence, JobId, TaskId, WorkerName};
-pub use job::{Charge, JobError, JobStatus, JobView, KitJob, Progress, job, job_by_key, jobs};
+pub use job::{
+    Charge, JobError, JobStatus, JobView, KitJob, Progress, job, job_by_key, jobs, read_job,
+};
 pub use lifecycle::{
     Claim, cancel, claim, fail, hand_back, owns, progress, renew_lease, retry_later, succeed,
 };

@@ -47,6 +47,19 @@ macro_rules! on_tx {
     };
 }
 
+/// Runs `$body` with `$p` bound to the pool of whichever backend `$db` is: one statement,
+/// outside any transaction (autocommit), for reads that need no more — a `BEGIN` and a
+/// `ROLLBACK` would be two round trips more than the statement itself.
+#[macro_export]
+macro_rules! on_pool {
+    ($db:expr, $p:ident => $body:expr) => {
+        match $db {
+            $crate::Db::Postgres($p) => $body,
+            $crate::Db::Sqlite($p) => $body,
+        }
+    };
+}
+
 /// Connection settings beyond the URL.
 #[derive(Clone, Debug)]
 pub struct DbOptions {

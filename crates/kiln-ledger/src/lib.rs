@@ -124,9 +124,7 @@ impl Ledger {
     }
 
     pub async fn account_by_api_key(&self, key: &str) -> Result<Option<Account>, LedgerError> {
-        in_tx!(self, begin_read, |tx, _ctx| ops::account_by_api_key(
-            tx, key
-        ))
+        ops::account_by_api_key(self.db(), key).await
     }
 
     pub async fn quote(&self, id: AccountId, action: Action) -> Result<Quote, LedgerError> {

@@ -114,10 +114,12 @@ pub async fn account(tx: &mut Tx, id: AccountId) -> Result<Account> {
     Ok(read_account(tx, id).await?.account)
 }
 
-pub async fn account_by_api_key(tx: &mut Tx, key: &str) -> Result<Option<Account>> {
-    let row: Option<AccountRow> = on_tx!(tx, c => sqlx::query_as("SELECT * FROM accounts WHERE api_key_hash = $1")
+/// The account an API key belongs to: one indexed read, outside any transaction (every
+/// authenticated request makes it).
+pub async fn account_by_api_key(db: &Db, key: &str) -> Result<Option<Account>> {
+    let row: Option<AccountRow> = on_pool!(db, p => sqlx::query_as("SELECT * FROM accounts WHERE api_key_hash = $1")
         .bind(hash_api_key(key))
-        .fetch_optional(&mut **c)
+        .fetch_optional(p)
         .await?);
     row.map(|r| Ok(Locked::from_row(r)?.account)).transpose()
 }

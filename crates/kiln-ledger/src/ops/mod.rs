@@ -51,13 +51,13 @@ mod prelude {
         accounts::*, grants::*, journal::*, optimistic::*, reserve::*, rows::*,
     };
     pub(crate) use crate::Tx;
-    pub(crate) use crate::on_tx;
     pub(crate) use crate::plan::{self, OpenGrant};
     pub(crate) use crate::{
         Account, Balance, CreatedAccount, EntryType, Grant, GrantId, JournalEntry, JournalPage,
         KindBalance, LedgerError, NewAccount, Operation, Quote, Reservation, ReservationId,
         ReservationState,
     };
+    pub(crate) use crate::{Db, on_pool, on_tx};
 }
 
 /// What every operation needs besides the transaction: the price list and the time.
