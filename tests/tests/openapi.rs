@@ -112,6 +112,8 @@ fn run(st: &Path, base: &str, key: &str, seed: u64, reports: &Path) {
         .args(["--report", "junit", "--report-dir"])
         .arg(reports)
         .env("NO_COLOR", "1")
+        // Its cache (`.schemathesis/`) goes to the scratch directory, not the checkout.
+        .current_dir(reports.parent().expect("the reports' parent"))
         .output()
         .expect("run schemathesis");
     let text = String::from_utf8_lossy(&out.stdout);
