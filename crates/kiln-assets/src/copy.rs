@@ -78,30 +78,140 @@ pub fn metal_phrase(spec: &ProductSpec) -> String {
         .unwrap_or_default()
 }
 
-/// "0.75 ct round brilliant diamond", "3 sapphires", or "".
-pub fn stone_phrase(spec: &ProductSpec) -> String {
-    let Some(s) = spec.stones.first() else {
-        return String::new();
+/// How much of each stone a phrase names: titles and alt texts step down these levels until
+/// they fit, dropping whole parts rather than cutting one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Detail {
+    /// Count, cut, kind and carat: "0.75 ct round brilliant diamond", "24 polki diamonds".
+    Full,
+    /// Count and kind: "a diamond", "24 diamonds".
+    Counts,
+    /// Kind only: "diamonds", "a ruby".
+    Kinds,
+}
+
+/// English plural of a stone name's last word: "pearl" → "pearls", "ruby" → "rubies",
+/// "topaz" → "topazes".
+fn plural(kind: &str) -> String {
+    let (head, last) = kind.rsplit_once(' ').map_or(("", kind), |(h, l)| (h, l));
+    let lower = last.to_lowercase();
+    let vowel_y = ["ay", "ey", "oy", "uy"].iter().any(|e| lower.ends_with(e));
+    let word = if lower.ends_with('y') && !vowel_y {
+        format!("{}ies", &last[..last.len() - 1])
+    } else if ["s", "x", "z", "ch", "sh"]
+        .iter()
+        .any(|e| lower.ends_with(e))
+    {
+        format!("{last}es")
+    } else {
+        format!("{last}s")
     };
+    if head.is_empty() {
+        word
+    } else {
+        format!("{head} {word}")
+    }
+}
+
+/// One stone entry at a level of detail.
+fn stone_entry(s: &kiln_core::Stone, detail: Detail) -> String {
     let count = s.count.unwrap_or(1);
-    let mut parts = Vec::new();
-    if let Some(c) = s.carat {
-        parts.push(format!("{c} ct"));
-    }
-    if let Some(cut) = &s.cut {
-        parts.push(cut.clone());
-    }
-    parts.push(if count > 1 {
-        format!("{} {}s", count, s.kind)
+    let kind = if count > 1 {
+        plural(&s.kind)
     } else {
         s.kind.clone()
-    });
-    let first = parts.join(" ");
-    if spec.stones.len() > 1 {
-        format!("{first} and {} more stones", spec.stones.len() - 1)
-    } else {
-        first
+    };
+    let cut = s.cut.as_deref().filter(|_| detail == Detail::Full);
+    let carat = s.carat.filter(|_| detail == Detail::Full);
+    match (count > 1, detail) {
+        (true, Detail::Kinds) => kind,
+        (true, _) => {
+            let mut p = format!(
+                "{count} {}{kind}",
+                cut.map(|c| format!("{c} ")).unwrap_or_default()
+            );
+            if let Some(c) = carat {
+                p.push_str(&format!(" ({c} ct total)"));
+            }
+            p
+        }
+        (false, _) => {
+            let described = [
+                carat.map(|c| format!("{c} ct")),
+                cut.map(str::to_owned),
+                Some(kind),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" ");
+            format!("{} {described}", article(&described))
+        }
     }
+}
+
+/// "a", "a and b", "a, b and c".
+fn english_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// Every stone of the spec at a level of detail: "a 0.75 ct round brilliant diamond",
+/// "40 pearls and 24 polki diamonds", or "" without stones.
+pub fn stones(spec: &ProductSpec, detail: Detail) -> String {
+    let entries: Vec<String> = spec.stones.iter().map(|s| stone_entry(s, detail)).collect();
+    english_list(&entries)
+}
+
+/// Every stone in full ("a 0.75 ct round brilliant diamond", "40 pearls and 24 polki
+/// diamonds"), or "".
+pub fn stone_phrase(spec: &ProductSpec) -> String {
+    stones(spec, Detail::Full)
+}
+
+/// What the piece is made of, richest first: each entry drops a whole part of the one before
+/// ("18k yellow gold ring with 40 pearls and 24 polki diamonds", "… with pearls and polki
+/// diamonds", "18k yellow gold ring", "gold ring", "ring"). Titles and alt texts take the
+/// first that fits.
+pub fn materials(spec: &ProductSpec) -> Vec<String> {
+    let noun = spec.category.noun();
+    let metal = metal_phrase(spec);
+    let bare_metal = spec
+        .metal
+        .as_ref()
+        .map(|m| m.kind.clone())
+        .unwrap_or_default();
+    let made = |metal: &str| {
+        if metal.is_empty() {
+            noun.to_owned()
+        } else {
+            format!("{metal} {noun}")
+        }
+    };
+    let mut out: Vec<String> = [Detail::Full, Detail::Counts, Detail::Kinds]
+        .into_iter()
+        .map(|d| stones(spec, d))
+        .filter(|s| !s.is_empty())
+        .map(|s| format!("{} with {s}", made(&metal)))
+        .collect();
+    out.extend([made(&metal), made(&bare_metal), noun.to_owned()]);
+    out.dedup();
+    out
+}
+
+/// The first of `candidates` that fits in `max` characters, or the last one cut to fit.
+fn first_fitting(candidates: impl IntoIterator<Item = String>, max: usize) -> String {
+    let mut last = String::new();
+    for c in candidates {
+        if c.chars().count() <= max {
+            return c;
+        }
+        last = c;
+    }
+    fit(&last, max)
 }
 
 pub fn write(spec: &ProductSpec) -> Copy {
@@ -114,14 +224,16 @@ pub fn write(spec: &ProductSpec) -> Copy {
         .map(|b| format!("{b} "))
         .unwrap_or_default();
 
-    let material = match (metal.is_empty(), stone.is_empty()) {
-        (false, false) => format!("{metal} {noun} with {stone}"),
-        (false, true) => format!("{metal} {noun}"),
-        (true, false) => format!("{noun} with {stone}"),
-        (true, true) => noun.to_owned(),
-    };
-    let title = fit(
-        &format!("{brand}{} – {}", spec.name, cap(&material)),
+    let materials = materials(spec);
+    let material = materials[0].clone();
+    // Whole parts are dropped until the title fits: stone details, then stones, then the
+    // metal's purity and colour, then the brand; only a name too long on its own is cut.
+    let heads = [format!("{brand}{}", spec.name), spec.name.clone()];
+    let title = first_fitting(
+        heads
+            .iter()
+            .flat_map(|h| materials.iter().map(move |m| format!("{h} – {}", cap(m))))
+            .chain([spec.name.clone()]),
         TITLE_MAX,
     );
 
@@ -247,25 +359,18 @@ pub fn write(spec: &ProductSpec) -> Copy {
     }
 }
 
-/// Alt text for an image of the product: what it shows, never "image of".
+/// Alt text for an image of the product: what it shows, never "image of". Whole parts are
+/// dropped until it fits (as in titles), and the view is always said.
 pub fn alt_text(spec: &ProductSpec, view: &str) -> String {
-    let metal = metal_phrase(spec);
-    let stone = stone_phrase(spec);
-    let what = [
-        spec.name.as_str(),
-        if metal.is_empty() { "" } else { &metal },
-        spec.category.noun(),
-    ]
-    .into_iter()
-    .filter(|s| !s.is_empty())
-    .collect::<Vec<_>>()
-    .join(" ");
-    let with = if stone.is_empty() {
-        String::new()
-    } else {
-        format!(" with {stone}")
-    };
-    fit(&format!("{what}{with}, {view}"), ALT_MAX)
+    let suffix = format!(", {view}");
+    let room = ALT_MAX.saturating_sub(suffix.chars().count());
+    let what = first_fitting(
+        materials(spec)
+            .into_iter()
+            .map(|m| format!("{} {m}", spec.name)),
+        room,
+    );
+    fit(&format!("{what}{suffix}"), ALT_MAX)
 }
 
 impl Copy {
@@ -307,5 +412,104 @@ mod tests {
             c.long_description
         );
         assert!(c.tags.iter().all(|t| t.chars().count() <= TAG_MAX) && !c.tags.is_empty());
+    }
+
+    fn spec_with(name: &str, stones: &str) -> ProductSpec {
+        ProductSpec::from_json(
+            format!(
+                r#"{{"style_number": "KN-7", "name": "{name}", "category": "earrings",
+                "brand": "Meher", "metal": {{"type": "gold", "purity": "22k", "color": "yellow"}},
+                "stones": [{stones}]}}"#
+            )
+            .as_bytes(),
+        )
+        .expect("spec")
+    }
+
+    #[test]
+    fn two_and_three_stone_kinds_are_all_named() {
+        let two = spec_with(
+            "Rani Jhumka",
+            r#"{"type": "pearl", "count": 40}, {"type": "polki diamond", "count": 24}"#,
+        );
+        assert_eq!(stone_phrase(&two), "40 pearls and 24 polki diamonds");
+        let three = spec_with(
+            "Rani Jhumka",
+            r#"{"type": "pearl", "count": 40}, {"type": "polki diamond", "count": 24},
+               {"type": "ruby", "count": 2}"#,
+        );
+        assert_eq!(
+            stone_phrase(&three),
+            "40 pearls, 24 polki diamonds and 2 rubies"
+        );
+        for spec in [&two, &three] {
+            let c = write(spec);
+            let alt = alt_text(spec, "on a white background");
+            for text in [&c.title, &alt, &c.long_description, &c.bullets[1]] {
+                assert!(!text.contains("more stones"), "{text}");
+            }
+            assert!(
+                alt.contains("pearls") && alt.contains("polki diamonds"),
+                "{alt}"
+            );
+            assert!(alt.ends_with(", on a white background"), "{alt}");
+            assert!(alt.chars().count() <= ALT_MAX);
+        }
+        assert!(write(&three).long_description.contains("2 rubies"));
+    }
+
+    #[test]
+    fn plurals_and_singles() {
+        assert_eq!(plural("topaz"), "topazes");
+        assert_eq!(plural("ruby"), "rubies");
+        assert_eq!(plural("turquoise"), "turquoises");
+        assert_eq!(plural("old mine cut ruby"), "old mine cut rubies");
+        let one = spec_with(
+            "Solo",
+            r#"{"type": "emerald", "carat": "1.2", "cut": "oval"}"#,
+        );
+        assert_eq!(stone_phrase(&one), "a 1.2 ct oval emerald");
+        assert_eq!(stones(&one, Detail::Counts), "an emerald");
+    }
+
+    /// Titles at and over the limit end on a whole phrase: each candidate is a whole part
+    /// dropped from the one before, never a part cut in the middle.
+    #[test]
+    fn a_title_at_the_limit_drops_whole_parts() {
+        let stones = r#"{"type": "diamond", "carat": "0.75", "cut": "round"}"#;
+        let full_for = |name: &str| {
+            let spec = spec_with(name, stones);
+            format!("Meher {name} – {}", cap(&materials(&spec)[0]))
+        };
+        // A name that makes the full title exactly TITLE_MAX characters keeps it whole.
+        let base = full_for("N").chars().count();
+        let exact = "N".repeat(TITLE_MAX - base + 1);
+        let spec = spec_with(&exact, stones);
+        let title = write(&spec).title;
+        assert_eq!(title.chars().count(), TITLE_MAX, "{title}");
+        assert_eq!(title, full_for(&exact));
+        // One character more drops the stones' details, not half a phrase.
+        let over = format!("{exact}N");
+        let spec = spec_with(&over, stones);
+        let title = write(&spec).title;
+        assert!(title.chars().count() <= TITLE_MAX, "{title}");
+        let ok = materials(&spec)
+            .iter()
+            .any(|m| title == format!("Meher {over} – {}", cap(m)));
+        assert!(ok, "{title} is not a whole candidate");
+        assert!(!title.contains("0.75"), "{title}");
+        assert!(title.ends_with("with a diamond"), "{title}");
+        // Every name length from 1 to 120: the title is always a whole candidate or the name.
+        for n in 1..=120 {
+            let name = "N".repeat(n);
+            let spec = spec_with(&name, stones);
+            let title = write(&spec).title;
+            assert!(title.chars().count() <= TITLE_MAX);
+            let whole = materials(&spec).iter().any(|m| {
+                title == format!("Meher {name} – {}", cap(m))
+                    || title == format!("{name} – {}", cap(m))
+            }) || title == fit(&name, TITLE_MAX);
+            assert!(whole, "name of {n}: {title}");
+        }
     }
 }
