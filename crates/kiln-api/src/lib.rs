@@ -289,6 +289,7 @@ async fn prices(State(api): State<Api>) -> Json<kiln_core::Pricing> {
     Json(api.queue.ledger().pricing().clone())
 }
 
+/// The caller's account, read afresh (the key lookup may be a few seconds old).
 #[utoipa::path(
     get,
     path = "/v1/account",
@@ -299,7 +300,6 @@ async fn prices(State(api): State<Api>) -> Json<kiln_core::Pricing> {
         (status = 401, description = "no API key, or one kiln does not know", body = ErrorBody),
     )
 )]
-/// The caller's account, read afresh (the key lookup may be a few seconds old).
 async fn account(State(api): State<Api>, Caller(a): Caller) -> Result<Json<Account>, ApiError> {
     Ok(Json(api.queue.ledger().account(a.id).await?))
 }

@@ -242,12 +242,21 @@ impl TryFrom<JobRow> for KitJob {
     }
 }
 
-const SELECT_JOB: &str = "SELECT j.*, r.state AS charge_state, r.exempt FROM kit_jobs j \
-     JOIN reservations r ON r.id = j.reservation_id";
+/// A job row with its charge's state, then `$rest` of the statement.
+macro_rules! select_job {
+    ($rest:literal) => {
+        concat!(
+            "SELECT j.*, r.state AS charge_state, r.exempt FROM kit_jobs j \
+             JOIN reservations r ON r.id = j.reservation_id ",
+            $rest
+        )
+    };
+}
+
+const JOB_BY_ID: &str = select_job!("WHERE j.id = $1");
 
 pub async fn job(tx: &mut Tx, id: &JobId) -> Result<Option<KitJob>> {
-    let sql = format!("{SELECT_JOB} WHERE j.id = $1");
-    let row: Option<JobRow> = on_tx!(tx, c => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+    let row: Option<JobRow> = on_tx!(tx, c => sqlx::query_as(JOB_BY_ID)
         .bind(id.as_str())
         .fetch_optional(&mut **c)
         .await?);
@@ -256,8 +265,7 @@ pub async fn job(tx: &mut Tx, id: &JobId) -> Result<Option<KitJob>> {
 
 /// The same read as `job`, as one statement outside any transaction: what a status poll needs.
 pub async fn read_job(db: &kiln_ledger::Db, id: &JobId) -> Result<Option<KitJob>> {
-    let sql = format!("{SELECT_JOB} WHERE j.id = $1");
-    let row: Option<JobRow> = kiln_ledger::on_pool!(db, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+    let row: Option<JobRow> = kiln_ledger::on_pool!(db, p => sqlx::query_as(JOB_BY_ID)
         .bind(id.as_str())
         .fetch_optional(p)
         .await?);
@@ -265,8 +273,8 @@ pub async fn read_job(db: &kiln_ledger::Db, id: &JobId) -> Result<Option<KitJob>
 }
 
 pub async fn job_by_key(tx: &mut Tx, account: AccountId, key: &str) -> Result<Option<KitJob>> {
-    let sql = format!("{SELECT_JOB} WHERE j.account_id = $1 AND j.idempotency_key = $2");
-    let row: Option<JobRow> = on_tx!(tx, c => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+    let sql = select_job!("WHERE j.account_id = $1 AND j.idempotency_key = $2");
+    let row: Option<JobRow> = on_tx!(tx, c => sqlx::query_as(sql)
         .bind(account.to_string())
         .bind(key)
         .fetch_optional(&mut **c)
@@ -282,11 +290,11 @@ pub async fn jobs(
     before: Option<&JobId>,
     limit: u32,
 ) -> Result<Vec<KitJob>> {
-    let sql = format!(
-        "{SELECT_JOB} WHERE j.account_id = $1 AND ($2 IS NULL OR j.status = $2) \
+    let sql = select_job!(
+        "WHERE j.account_id = $1 AND ($2 IS NULL OR j.status = $2) \
          AND ($3 IS NULL OR j.id < $3) ORDER BY j.id DESC LIMIT $4"
     );
-    let rows: Vec<JobRow> = on_tx!(tx, c => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+    let rows: Vec<JobRow> = on_tx!(tx, c => sqlx::query_as(sql)
         .bind(account.to_string())
         .bind(status.map(JobStatus::as_str))
         .bind(before.map(JobId::as_str))

@@ -229,8 +229,7 @@ pub async fn create_remote(
 }
 
 pub async fn job(ledger: &Ledger, id: &JobId) -> anyhow::Result<KitJob> {
-    let mut tx = ledger.db().begin_read().await?;
-    kiln_jobs::job(&mut tx, id)
+    kiln_jobs::read_job(ledger.db(), id)
         .await?
         .with_context(|| format!("job {id} not found"))
 }
