@@ -31,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let master = median_ms(runs, || {
         let (_, img) = kiln_assets::decode(&upload, &Limits::default()).expect("decode");
-        let cut = photo::cut_out_decoded(&img).expect("cut out");
+        let cut = photo::cut_out_decoded(&img, None).expect("cut out");
         let (m, _) = photo::place_on_white(&cut, MASTER_SIDE, MASTER_FILL, 0.0).expect("place");
         std::hint::black_box(encode_jpeg(&m, 92).expect("encode"));
     });

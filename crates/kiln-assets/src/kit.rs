@@ -67,7 +67,7 @@ pub fn generate(
     next(progress);
     let (_, img) = crate::decode(upload, &Limits::default())?;
     next(progress);
-    let cut = photo::cut_out_decoded(&img)?;
+    let cut = photo::cut_out_decoded(&img, None)?;
     let mut warnings = Vec::new();
     if !cut.background.is_uniform() {
         warnings.push(format!(

@@ -14,8 +14,10 @@ pub mod generator;
 pub mod kit;
 pub mod pdf;
 pub mod photo;
+pub mod photoset;
 pub mod provider;
 pub mod quality;
+pub mod salient;
 pub mod sample;
 pub mod scene;
 
@@ -44,6 +46,9 @@ pub enum AssetError {
     Spec(#[from] kiln_core::SpecError),
     #[error("rendering failed: {0}")]
     Render(String),
+    /// The learned cut-out model is missing, corrupt or failed to run.
+    #[error("{0}")]
+    Model(String),
 }
 
 impl AssetError {
@@ -57,6 +62,7 @@ impl AssetError {
             AssetError::NoProduct(_) => "no_product_found",
             AssetError::Spec(_) => "invalid_spec",
             AssetError::Render(_) => "render_failed",
+            AssetError::Model(_) => "cutout_model_failed",
         }
     }
 }

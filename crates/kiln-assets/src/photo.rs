@@ -8,6 +8,8 @@ use image::{Rgb, RgbImage, Rgba, RgbaImage};
 
 use crate::{AssetError, Decoded};
 
+pub mod matte;
+
 /// Read access to upload pixels, RGB or RGBA, so cut-outs work on the decoder's own buffer.
 pub trait Pixels {
     fn dimensions(&self) -> (u32, u32);
@@ -134,6 +136,8 @@ impl Bounds {
 pub struct Cutout {
     pub image: RgbaImage,
     pub background: Background,
+    /// Which cut-out ran.
+    pub method: Method,
     /// Where the product sat in the upload.
     pub bounds: Bounds,
     pub upload_size: (u32, u32),
@@ -147,17 +151,36 @@ impl Cutout {
     }
 }
 
-/// `cut_out` on a decoded upload, on its own pixel layout.
-pub fn cut_out_decoded(img: &Decoded) -> Result<Cutout, AssetError> {
+/// How the product was told from its backdrop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Colour distance from the backdrop alone.
+    Colour,
+    /// The learned mask (U²-Net-p) decides object or backdrop, colour finds holes and edges.
+    LearnedAndColour,
+}
+
+/// The cut-out of a decoded upload, on its own pixel layout: guided by `model` when given.
+pub fn cut_out_decoded(
+    img: &Decoded,
+    model: Option<&crate::salient::Salient>,
+) -> Result<Cutout, AssetError> {
+    let mask = model.map(|m| m.predict(img)).transpose()?;
     match img {
-        Decoded::Rgb(i) => cut_out(i),
-        Decoded::Rgba(i) => cut_out(i),
+        Decoded::Rgb(i) => cut_out(i, mask.as_ref()),
+        Decoded::Rgba(i) => cut_out(i, mask.as_ref()),
     }
 }
 
-/// Cuts the product out: alpha ramps from 0 (background colour) to 255 over a band of colour
-/// distance that widens with the background's own noise.
-pub fn cut_out(img: &impl Pixels) -> Result<Cutout, AssetError> {
+/// Cuts the product out. Colour alone: alpha ramps from 0 (background colour) to 255 over a
+/// band of colour distance that widens with the background's own noise. With a learned
+/// `saliency` mask (320x320, see `salient`), the mask decides object or backdrop and colour
+/// only finds the true holes and the edges (`matte`).
+pub fn cut_out(
+    img: &impl Pixels,
+    saliency: Option<&image::GrayImage>,
+) -> Result<Cutout, AssetError> {
     let bg = estimate_background(img);
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let t0 = (bg.spread * 3.0).clamp(10.0, 60.0) as u32;
@@ -210,13 +233,17 @@ pub fn cut_out(img: &impl Pixels) -> Result<Cutout, AssetError> {
         )
     };
 
+    let learned = saliency.map(|m| crate::salient::Upsampled::new(m, w, h));
+    let object_at = |x: u32, y: u32| {
+        alpha_at(x, y) >= 128 || learned.as_ref().is_some_and(|l| l.at(x, y) >= matte::SURE)
+    };
     // Coarse pass on every 4th pixel: where is the product at all?
     const STEP: u32 = 4;
     let (cw, ch) = (w.div_ceil(STEP), h.div_ceil(STEP));
     let (mut rows, mut cols) = (vec![0u32; ch as usize], vec![0u32; cw as usize]);
     for cy in 0..ch {
         for cx in 0..cw {
-            if alpha_at(cx * STEP, cy * STEP) >= 128 {
+            if object_at(cx * STEP, cy * STEP) {
                 rows[cy as usize] += 1;
                 cols[cx as usize] += 1;
             }
@@ -228,8 +255,13 @@ pub fn cut_out(img: &impl Pixels) -> Result<Cutout, AssetError> {
     ) else {
         return Err(none());
     };
-    // Fine pass over that region plus a margin, at full resolution.
-    let margin = 3 * STEP;
+    // Fine pass over that region plus a margin (wider with the learned mask, whose edge is
+    // soft over a few of its 320 pixels), at full resolution.
+    let margin = if learned.is_some() {
+        3 * STEP + w.max(h) / 64
+    } else {
+        3 * STEP
+    };
     let (rx0, ry0) = (
         (cx0 * STEP).saturating_sub(margin),
         (cy0 * STEP).saturating_sub(margin),
@@ -243,6 +275,18 @@ pub fn cut_out(img: &impl Pixels) -> Result<Cutout, AssetError> {
         }
     }
     despeckle(&mut alpha, rw, rh);
+    let region = matte::Region {
+        x0: rx0,
+        y0: ry0,
+        w: rw,
+        h: rh,
+    };
+    let mut colour: Option<Vec<[u8; 3]>> = None;
+    if let Some(l) = &learned {
+        let m = matte::matte(img, &bg, l, region, &alpha);
+        alpha = m.alpha;
+        colour = Some(m.colour);
+    }
     let (mut rows, mut cols) = (vec![0u32; rh as usize], vec![0u32; rw as usize]);
     for (i, &a) in alpha.iter().enumerate() {
         if a >= 128 {
@@ -268,17 +312,24 @@ pub fn cut_out(img: &impl Pixels) -> Result<Cutout, AssetError> {
     }
     let image = RgbaImage::from_fn(bounds.width(), bounds.height(), |x, y| {
         let (lx, ly) = (x + x0, y + y0);
-        let p = img.rgba(lx + rx0, ly + ry0);
-        Rgba([
-            p[0],
-            p[1],
-            p[2],
-            alpha[(ly as usize) * (rw as usize) + lx as usize],
-        ])
+        let i = (ly as usize) * (rw as usize) + lx as usize;
+        let [r, g, b] = match &colour {
+            Some(c) => c[i],
+            None => {
+                let p = img.rgba(lx + rx0, ly + ry0);
+                [p[0], p[1], p[2]]
+            }
+        };
+        Rgba([r, g, b, alpha[i]])
     });
     Ok(Cutout {
         image,
         background: bg,
+        method: if learned.is_some() {
+            Method::LearnedAndColour
+        } else {
+            Method::Colour
+        },
         bounds,
         upload_size: (w, h),
     })

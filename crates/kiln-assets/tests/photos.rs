@@ -349,7 +349,7 @@ fn the_cut_out_matches_the_ground_truth() {
         let size = 1200;
         let (img, truth) = sample::ring_in(size, metal);
         let (_, decoded) = kiln_assets::decode(&png(&img), &Limits::default()).expect("decode");
-        let cut = kiln_assets::photo::cut_out_decoded(&decoded).expect("cut out");
+        let cut = kiln_assets::photo::cut_out_decoded(&decoded, None).expect("cut out");
         let at = |x: u32, y: u32| truth[(y * size + x) as usize];
         let (mut tx0, mut ty0, mut tx1, mut ty1) = (size, size, 0, 0);
         for y in 0..size {

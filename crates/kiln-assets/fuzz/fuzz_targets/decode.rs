@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok((_, img)) = decode(data, &limits) else {
         return;
     };
-    if let Ok(cut) = photo::cut_out_decoded(&img) {
+    if let Ok(cut) = photo::cut_out_decoded(&img, None) {
         if let Ok((master, _)) = photo::place_on_white(&cut, 64, photo::MASTER_FILL, 0.0) {
             let _ = quality::judge(&master, true);
         }
