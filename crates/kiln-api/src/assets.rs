@@ -78,7 +78,7 @@ pub(crate) async fn assets(
 ) -> Result<Json<AssetsView>, ApiError> {
     let id: JobId = id.parse().map_err(|_| ApiError::not_found("job"))?;
     observe::record("job_id", &id);
-    let job = kiln_jobs::read_job(api.queue.ledger().db(), &id)
+    let job = kiln_jobs::read_job(&api.reads, &id)
         .await?
         .filter(|j| j.account_id == a.id)
         .ok_or_else(|| ApiError::not_found(format_args!("job {id}")))?;

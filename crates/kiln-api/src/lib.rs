@@ -56,11 +56,17 @@ pub struct Api {
     /// `/v1/openapi.json`, with this server's price list in it.
     openapi: std::sync::Arc<str>,
     keys: std::sync::Arc<keys::KeyCache>,
+    /// Status reads (polls, asset listings) on held connections.
+    reads: kiln_ledger::ReadDb,
 }
+
+/// Connections held for status reads: as many as a busy server polls at once on two cores.
+const HELD_READERS: usize = 8;
 
 impl Api {
     pub fn new(queue: Queue, storage: Storage, cfg: &ApiConfig) -> Api {
         Api {
+            reads: kiln_ledger::ReadDb::new(queue.ledger().db(), HELD_READERS),
             openapi: openapi::document(queue.ledger().pricing()).into(),
             queue,
             storage,
@@ -364,7 +370,7 @@ async fn job(
     let read = |api: &Api| {
         let (api, id) = (api.clone(), id.clone());
         async move {
-            let found = kiln_jobs::read_job(api.queue.ledger().db(), &id).await?;
+            let found = kiln_jobs::read_job(&api.reads, &id).await?;
             match found.filter(|j| j.account_id == a.id) {
                 Some(j) => Ok(j.view()),
                 None => Err(ApiError::not_found(format_args!("job {id}"))),

@@ -263,12 +263,13 @@ pub async fn job(tx: &mut Tx, id: &JobId) -> Result<Option<KitJob>> {
     row.map(KitJob::try_from).transpose()
 }
 
-/// The same read as `job`, as one statement outside any transaction: what a status poll needs.
-pub async fn read_job(db: &kiln_ledger::Db, id: &JobId) -> Result<Option<KitJob>> {
-    let row: Option<JobRow> = kiln_ledger::on_pool!(db, p => sqlx::query_as(JOB_BY_ID)
+/// The same read as `job`, as one statement outside any transaction: what a status poll needs
+/// (on a held connection where `reads` has them).
+pub async fn read_job(reads: &kiln_ledger::ReadDb, id: &JobId) -> Result<Option<KitJob>> {
+    let row: Option<JobRow> = kiln_ledger::on_read!(reads, c => sqlx::query_as(JOB_BY_ID)
         .bind(id.as_str())
-        .fetch_optional(p)
-        .await?);
+        .fetch_optional(c)
+        .await)?;
     row.map(KitJob::try_from).transpose()
 }
 

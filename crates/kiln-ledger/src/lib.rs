@@ -9,6 +9,7 @@ mod db;
 mod error;
 mod ops;
 pub mod plan;
+mod readers;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod types;
@@ -27,6 +28,7 @@ pub use ops::{
     grants, hold, journal, open_holds, optimistic, quote, release, renew, reservation, reserve,
     reserve_locked, resolve_hold, set_plan, topup, totals,
 };
+pub use readers::{Held, ReadDb, Taken};
 pub use types::{
     Account, Balance, CreatedAccount, EntryType, Grant, GrantId, Hold, HoldId, HoldStatus,
     JournalEntry, JournalPage, KindBalance, NewAccount, Operation, Quote, Reservation,

@@ -229,7 +229,7 @@ pub async fn create_remote(
 }
 
 pub async fn job(ledger: &Ledger, id: &JobId) -> anyhow::Result<KitJob> {
-    kiln_jobs::read_job(ledger.db(), id)
+    kiln_jobs::read_job(&kiln_ledger::ReadDb::Pool(ledger.db().clone()), id)
         .await?
         .with_context(|| format!("job {id} not found"))
 }
