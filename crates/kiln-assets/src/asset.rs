@@ -12,6 +12,8 @@ use crate::{AssetError, Quality, encode_jpeg, quality};
 pub enum Role {
     MainImage,
     ShadowImage,
+    /// The product alone on transparency (RGBA PNG), trimmed: what a designer composites with.
+    CutoutImage,
     DetailImage,
     WebImage,
     SpecSheet,
@@ -69,5 +71,34 @@ pub(crate) fn image_asset(
         height: Some(img.height()),
         alt: Some(alt),
         quality: Some(quality::judge(img, main)),
+    })
+}
+
+/// `photos/cutout.png`: the cut-out as an RGBA PNG (fast compression: a phone photo's cut-out
+/// is megapixels of alpha).
+pub(crate) fn cutout_asset(img: &image::RgbaImage, alt: String) -> Result<Asset, AssetError> {
+    use image::ImageEncoder;
+    let mut bytes = Vec::new();
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut bytes,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Adaptive,
+    )
+    .write_image(
+        img.as_raw(),
+        img.width(),
+        img.height(),
+        image::ExtendedColorType::Rgba8,
+    )
+    .map_err(|e| AssetError::Render(format!("PNG: {e}")))?;
+    Ok(Asset {
+        path: "photos/cutout.png".to_owned(),
+        role: Role::CutoutImage,
+        content_type: "image/png",
+        bytes,
+        width: Some(img.width()),
+        height: Some(img.height()),
+        alt: Some(alt),
+        quality: None,
     })
 }

@@ -145,6 +145,11 @@ pub fn generate(
         )?);
     }
 
+    assets.push(crate::asset::cutout_asset(
+        &cut.image,
+        copy::alt_text(spec, "cut out on a transparent background"),
+    )?);
+
     next(progress);
     assets.push(json_asset(
         "spec/spec-sheet.json",

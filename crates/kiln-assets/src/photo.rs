@@ -499,14 +499,135 @@ pub fn contact_shadow(canvas: &mut RgbImage, under: Bounds, depth: f32) {
     }
 }
 
-/// A square close-up of the product's top centre (where a ring's stone or a pendant's setting
-/// sits), on white, `side` pixels: the square starts just above the product's top edge.
-pub fn detail_crop(cut: &Cutout, side: u32) -> Result<RgbImage, AssetError> {
+/// Where the detail crop sits on the trimmed product, and how much of it is product.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DetailSquare {
+    /// Top-left corner in the trimmed cut-out's pixels (may be negative: the square can
+    /// reach past the product's bounds, where it is white).
+    pub left: i64,
+    pub top: i64,
+    pub side: u32,
+    /// Share of the square the product covers (alpha-weighted), 0..1.
+    pub coverage: f64,
+}
+
+/// A close-up is refused when it is more than this share background.
+pub const DETAIL_MAX_BACKGROUND: f64 = 0.90;
+
+/// Picks the detail crop's square (45% of the product's long side): where the product has
+/// the most detail — its edges and facets, alpha-weighted — among the squares at least 10%
+/// product. A U-shaped necklace's empty middle never wins; a ring's stone does.
+pub fn detail_square(cut: &Cutout) -> DetailSquare {
     let (bw, bh) = (cut.image.width(), cut.image.height());
-    let s = (bw.max(bh) * 45 / 100).max(1);
-    let left = i64::from(bw / 2) - i64::from(s / 2);
-    let top = -i64::from(s * 6 / 100);
-    let mut square = RgbImage::from_pixel(s, s, Rgb([255, 255, 255]));
-    composite(&mut square, &cut.image, -left, -top);
+    let long = bw.max(bh).max(1);
+    let s = (long * 45 / 100).max(1);
+    // Scores on a grid of at most ~200 cells a side.
+    let f = (long / 200).max(1);
+    let (gw, gh) = (bw.div_ceil(f) as usize, bh.div_ceil(f) as usize);
+    let (mut cover, mut detail) = (vec![0f64; gw * gh], vec![0f64; gw * gh]);
+    let luma = |x: u32, y: u32| {
+        let p = cut.image.get_pixel(x.min(bw - 1), y.min(bh - 1));
+        (299 * i32::from(p[0]) + 587 * i32::from(p[1]) + 114 * i32::from(p[2])) / 1000
+    };
+    for gy in 0..gh {
+        for gx in 0..gw {
+            #[allow(clippy::cast_possible_truncation)]
+            let (x, y) = (gx as u32 * f, gy as u32 * f);
+            let a = f64::from(cut.image.get_pixel(x.min(bw - 1), y.min(bh - 1))[3]) / 255.0;
+            let g = (luma(x + f, y) - luma(x.saturating_sub(f), y)).abs()
+                + (luma(x, y + f) - luma(x, y.saturating_sub(f))).abs();
+            cover[gy * gw + gx] = a;
+            detail[gy * gw + gx] = a * f64::from(g);
+        }
+    }
+    let sums = |v: &[f64]| {
+        let mut t = vec![0f64; (gw + 1) * (gh + 1)];
+        for y in 0..gh {
+            let mut row = 0.0;
+            for x in 0..gw {
+                row += v[y * gw + x];
+                t[(y + 1) * (gw + 1) + x + 1] = t[y * (gw + 1) + x + 1] + row;
+            }
+        }
+        t
+    };
+    let (tc, td) = (sums(&cover), sums(&detail));
+    let boxed = |t: &[f64], x0: i64, y0: i64, n: i64| {
+        let clamp = |v: i64, hi: usize| {
+            usize::try_from(v.clamp(0, i64::try_from(hi).unwrap_or(0))).unwrap_or(0)
+        };
+        let (x0c, x1c) = (clamp(x0, gw), clamp(x0 + n, gw));
+        let (y0c, y1c) = (clamp(y0, gh), clamp(y0 + n, gh));
+        let at = |x: usize, y: usize| t[y * (gw + 1) + x];
+        at(x1c, y1c) + at(x0c, y0c) - at(x1c, y0c) - at(x0c, y1c)
+    };
+    let n = i64::from(s.div_ceil(f).max(1));
+    let cells = (n * n) as f64;
+    let (gw_i, gh_i) = (
+        i64::try_from(gw).unwrap_or(0),
+        i64::try_from(gh).unwrap_or(0),
+    );
+    let mut best: Option<(f64, i64, i64, f64)> = None;
+    let mut densest: Option<(f64, i64, i64)> = None;
+    // Squares whose centre lies on the product's bounds; top rows first, so on a tie the
+    // crop goes to the top (where a ring's stone or a pendant's setting sits).
+    for y in (-n / 2)..=(gh_i - n / 2).max(-n / 2) {
+        for x in (-n / 2)..=(gw_i - n / 2).max(-n / 2) {
+            let c = boxed(&tc, x, y, n) / cells;
+            if densest.is_none_or(|(d, _, _)| c > d) {
+                densest = Some((c, x, y));
+            }
+            if c < 1.0 - DETAIL_MAX_BACKGROUND {
+                continue;
+            }
+            let score = boxed(&td, x, y, n) + 4.0 * boxed(&tc, x, y, n);
+            if best.is_none_or(|(b, _, _, _)| score > b) {
+                best = Some((score, x, y, c));
+            }
+        }
+    }
+    let (mut x, mut y, coverage) = match (best, densest) {
+        (Some((_, x, y, c)), _) => (x, y, c),
+        (None, Some((c, x, y))) => (x, y, c),
+        (None, None) => (0, 0, 0.0),
+    };
+    // Centred on the detail it holds (the best square may hold its detail off to one side).
+    let (mut wx, mut wy, mut wsum) = (0.0, 0.0, 0.0);
+    for gy in y.max(0)..(y + n).min(gh_i) {
+        for gx in x.max(0)..(x + n).min(gw_i) {
+            let v =
+                detail[usize::try_from(gy).unwrap_or(0) * gw + usize::try_from(gx).unwrap_or(0)];
+            #[allow(clippy::cast_precision_loss)]
+            {
+                wx += v * gx as f64;
+                wy += v * gy as f64;
+            }
+            wsum += v;
+        }
+    }
+    if wsum > 0.0 {
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            x = (wx / wsum).round() as i64 - n / 2;
+            y = (wy / wsum).round() as i64 - n / 2;
+        }
+    }
+    // A margin of 12% of the square on each side, so the detail is framed, not cut at the
+    // edge (a ring's stone sits at the product's very top).
+    let margin = i64::from(s * 12 / 100);
+    DetailSquare {
+        left: x * i64::from(f) - margin,
+        top: y * i64::from(f) - margin,
+        side: s + 2 * u32::try_from(margin).unwrap_or(0),
+        coverage,
+    }
+}
+
+/// A square close-up of the product's most detailed part (`detail_square`), on white,
+/// `side` pixels.
+pub fn detail_crop(cut: &Cutout, side: u32) -> Result<RgbImage, AssetError> {
+    let d = detail_square(cut);
+    let mut square = RgbImage::from_pixel(d.side, d.side, Rgb([255, 255, 255]));
+    composite(&mut square, &cut.image, -d.left, -d.top);
     resize_rgb(&square, side, side)
 }

@@ -77,3 +77,47 @@ fn a_corrupt_model_is_refused_at_load_naming_its_path() {
     assert_eq!(loaded.sha256, salient::EMBEDDED_SHA256);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The detail crop lands on the product, never on empty frame: on every test photo (the
+/// U-shaped necklace's middle is empty; the old top-centre crop was all white there), the
+/// square is at least 10% true product, with the colour cut-out the kits use and with the
+/// learned one.
+#[test]
+fn detail_crops_are_mostly_product() {
+    let model = salient::active().expect("model");
+    for name in photoset::NAMES {
+        let p = photoset::photo(name, 4).expect("a test photo");
+        let (_, img) = kiln_assets::decode(&p.jpeg, &Limits::default()).expect("decode");
+        for m in [None, Some(&model)] {
+            let cut = photo::cut_out_decoded(&img, m).expect("cut out");
+            let d = photo::detail_square(&cut);
+            let (x0, y0) = (
+                i64::from(cut.bounds.x0) + d.left,
+                i64::from(cut.bounds.y0) + d.top,
+            );
+            let mut product = 0u64;
+            for y in y0..y0 + i64::from(d.side) {
+                for x in x0..x0 + i64::from(d.side) {
+                    let inside = u32::try_from(x)
+                        .ok()
+                        .zip(u32::try_from(y).ok())
+                        .filter(|&(x, y)| x < p.width && y < p.height);
+                    product += u64::from(inside.is_some_and(|(x, y)| p.is_product(x, y)));
+                }
+            }
+            #[allow(clippy::cast_precision_loss)]
+            let share = product as f64 / f64::from(d.side).powi(2);
+            println!(
+                "{name} ({:?}): detail square {d:?}, {share:.3} true product",
+                cut.method
+            );
+            assert!(
+                share >= 1.0 - photo::DETAIL_MAX_BACKGROUND,
+                "{name}: the detail crop is {:.1}% background",
+                (1.0 - share) * 100.0
+            );
+            let crop = photo::detail_crop(&cut, 400).expect("crop");
+            assert_eq!(crop.dimensions(), (400, 400));
+        }
+    }
+}

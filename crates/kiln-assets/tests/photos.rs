@@ -85,6 +85,31 @@ fn essentials_photos_meet_the_marketplace_rules() {
             ("photos/web-600.jpg", (600, 600)),
         ]
     );
+    // The transparent cut-out: RGBA, the product opaque, the backdrop gone, trimmed.
+    let cutout = assets
+        .iter()
+        .find(|a| a.role == Role::CutoutImage)
+        .expect("photos/cutout.png");
+    assert_eq!(
+        (cutout.path.as_str(), cutout.content_type),
+        ("photos/cutout.png", "image/png")
+    );
+    let rgba = image::load_from_memory(&cutout.bytes)
+        .expect("a PNG")
+        .to_rgba8();
+    assert_eq!(Some(rgba.width()), cutout.width);
+    let opaque = rgba.pixels().filter(|p| p[3] == 255).count();
+    let clear = rgba.pixels().filter(|p| p[3] == 0).count();
+    assert!(
+        opaque > 0 && clear > 0,
+        "{opaque} opaque and {clear} clear pixels"
+    );
+    assert!(
+        rgba.rows()
+            .next()
+            .is_some_and(|r| r.clone().any(|p| p[3] > 0)),
+        "trimmed: the top row holds product"
+    );
     // The shadow variant really has a shadow: darker pixels below the product than at the sides.
     let shadow = decode_rgb(&assets[1].bytes);
     let (_, _, _, sy1) = quality::product_box(&shadow).expect("product");

@@ -300,18 +300,40 @@ pub fn matte(
     // differ by more than this.
     #[allow(clippy::cast_possible_truncation)]
     let neutral = 0.03 + (surface.grain / 100.0) as f32;
-    let shade_of_sweep = |i: usize| {
+    // (lowest, highest, mean) ratio of a pixel's channels to the sweep's, and whether it is
+    // brighter than the sweep by more than its grain.
+    let ratios = |i: usize| {
         let (x, y) = (i % w, i / w);
         let p = smooth[i];
         let b = back(x, y);
         #[allow(clippy::cast_precision_loss)]
-        let ratios = [0, 1, 2].map(|c| p[c] as f32 / b[c].max(1.0));
-        let (lo, hi) = ratios
+        let r = [0, 1, 2].map(|c| p[c] as f32 / b[c].max(1.0));
+        let (lo, hi) = r
             .iter()
-            .fold((f32::MAX, 0.0f32), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+            .fold((f32::MAX, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         #[allow(clippy::cast_precision_loss)]
         let brighter = (0..3).any(|c| p[c] as f32 > b[c] + above);
-        !brighter && hi - lo <= neutral && lo >= 0.35
+        (lo, hi, (r[0] + r[1] + r[2]) / 3.0, brighter)
+    };
+    // How dark the piece's cast shadow gets, read where it is certainly shadow (around the
+    // piece, where the mask says backdrop): a shadow seen through a hole is no darker, and the
+    // dark side of a silver band on grey usually is.
+    let mut shade: Vec<f32> = (0..w * h)
+        .filter(|&i| saliency[i] < LOW && colour_alpha[i] < 128)
+        .filter_map(|i| {
+            let (lo, hi, mean, brighter) = ratios(i);
+            (!brighter && hi - lo <= neutral && mean < 0.97).then_some(mean)
+        })
+        .collect();
+    shade.sort_by(f32::total_cmp);
+    let darkest = if shade.len() >= 64 {
+        shade[shade.len() / 50] - 0.04
+    } else {
+        0.85
+    };
+    let shade_of_sweep = |i: usize| {
+        let (lo, hi, mean, brighter) = ratios(i);
+        !brighter && hi - lo <= neutral && mean >= darkest
     };
     // (Below:) from the seeds, the backdrop floods into neighbours that continue it: a step no larger
     // than its grain (a cast shadow darkens the sweep gradually; the edge of a piece, even
