@@ -249,16 +249,16 @@ pub fn matte(
     };
     #[allow(clippy::cast_possible_truncation)]
     let flat_below = 8 + (surface.grain * 2.0) as i32;
-    let flat: Vec<bool> = (0..w * h)
+    let slope: Vec<i32> = (0..w * h)
         .map(|i| {
             let (x, y) = (i % w, i / w);
             let (xa, xb) = (x.saturating_sub(span), (x + span).min(w - 1));
             let (ya, yb) = (y.saturating_sub(span), (y + span).min(h - 1));
             (mean_luma(xb, y) - mean_luma(xa, y)).abs()
                 + (mean_luma(x, yb) - mean_luma(x, ya)).abs()
-                < flat_below
         })
         .collect();
+    let flat: Vec<bool> = slope.iter().map(|&s| s < flat_below).collect();
     // The unshadowed sweep itself: within its grain of the surface, and flat.
     let backdrop_like = |x: usize, y: usize| -> bool {
         let p = pixel(x, y);
@@ -299,7 +299,7 @@ pub fn matte(
     // A shadow on a neutral sweep darkens every channel alike; cream pearls and tinted metal
     // differ by more than this.
     #[allow(clippy::cast_possible_truncation)]
-    let neutral = 0.03 + (surface.grain / 100.0) as f32;
+    let neutral = 0.025 + (surface.grain / 200.0) as f32;
     // (lowest, highest, mean) ratio of a pixel's channels to the sweep's, and whether it is
     // brighter than the sweep by more than its grain.
     let ratios = |i: usize| {
