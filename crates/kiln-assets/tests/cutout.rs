@@ -121,3 +121,31 @@ fn detail_crops_are_mostly_product() {
         }
     }
 }
+
+/// At the photos' full phone resolution, the pieces the learned matte already handles meet the
+/// issue's IoU bar (0.95); silver on grey and the thin hoop do not yet (docs/ASSETS.md).
+#[test]
+fn at_phone_resolution_pale_stones_pearls_and_filigree_reach_the_iou_bar() {
+    let model = salient::active().expect("model");
+    for name in [
+        "kundan-earring",
+        "pearl-necklace",
+        "filigree-pendant",
+        "nose-ring",
+    ] {
+        let p = photoset::photo(name, 1).expect("a test photo");
+        let (_, img) = kiln_assets::decode(&p.jpeg, &Limits::default()).expect("decode");
+        let cut = photo::cut_out_decoded(&img, Some(&model)).expect("cut out");
+        let s = metrics::score(&p, |x, y| metrics::rgba_at(&cut, x, y));
+        println!(
+            "{name} at {}x{}: IoU {:.4}, transparent {:.4}",
+            p.width, p.height, s.iou, s.transparent
+        );
+        assert!(s.iou >= 0.95, "{name}: IoU {:.4}", s.iou);
+        assert!(
+            s.transparent <= 0.02,
+            "{name}: {:.4} transparent",
+            s.transparent
+        );
+    }
+}
