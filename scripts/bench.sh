@@ -8,8 +8,11 @@
 #           sequential jobs, and queue + ledger overhead as a share of an Essentials kit;
 #   http:   `kiln serve` on PostgreSQL loaded by wrk from a second process on loopback: job
 #           status polls and kit submissions per second with p50/p99, vs a trivial axum handler
-#           (the HTTP ceiling) and pgbench -S (the database ceiling), same clients, interleaved.
-# BENCH=ledger, BENCH=assets, BENCH=queue or BENCH=http runs one of them. Prints Markdown tables.
+#           (the HTTP ceiling) and pgbench -S (the database ceiling), same clients, interleaved;
+#   cutout: kiln's learned cut-out vs rembg (U²-Net-p through onnxruntime, PyPI) on the rendered
+#           test photos at phone resolution, both on one core: time and IoU with the truth.
+# BENCH=ledger, BENCH=assets, BENCH=queue, BENCH=http or BENCH=cutout runs one of them. Prints
+# Markdown tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which=${BENCH:-all}
@@ -43,6 +46,28 @@ if [ "$which" = all ] || [ "$which" = assets ]; then
 | kiln Essentials kit | $(get essentials) | $(ratio "$(get essentials)" "$m_vips") |
 | kiln Caratzon kit | $(get caratzon) | $(ratio "$(get caratzon)" "$m_vips") |
 MD
+fi
+if [ "$which" = all ] || [ "$which" = cutout ]; then
+    cargo build -q --release -p kiln-assets --example cutout_eval
+    py=$(scripts/ensure-rembg.sh)
+    out=$(realpath -m "${CARGO_TARGET_DIR:-target}/cutout-bench")
+    runs=${BENCH_RUNS:-3}
+    kiln=$(taskset -c 0 "${CARGO_TARGET_DIR:-target}/release/examples/cutout_eval" "$out" 1 "$runs")
+    names=$(awk '$2 == "learned" { print $1 }' <<<"$kiln")
+    # shellcheck disable=SC2086
+    anchor=$(OMP_NUM_THREADS=1 taskset -c 0 "$py" scripts/cutout_anchor.py "$out" "$runs" $names)
+    echo
+    echo "| photo (phone resolution, one core, median of $runs) | kiln learned: IoU / transparent / ms | rembg u2netp: IoU / transparent / ms | kiln time vs rembg |"
+    echo "|---|---|---|---|"
+    for n in $names; do
+        read -r ki kt km < <(awk -v n="$n" '$1 == n && $2 == "learned" { print $3, $4, $6 }' <<<"$kiln")
+        read -r ri rt rm < <(awk -v n="$n" '$1 == n { print $3, $4, $5 }' <<<"$anchor")
+        echo "| $n | $ki / $kt / $km | $ri / $rt / $rm | $(ratio "$km" "$rm") |"
+    done
+    awk '$2 == "learned" { i += $3; t += $6; n++ } END { printf "| mean | IoU %.4f, %.0f ms |", i / n, t / n }' <<<"$kiln"
+    awk '{ i += $3; t += $5; n++ } END { printf " IoU %.4f, %.0f ms | |\n", i / n, t / n }' <<<"$anchor"
+    echo
+    echo "(colour-only cut-out, for reference: $(awk '$2 == "colour" { printf "%s IoU %s, %s ms; ", $1, $3, $6 }' <<<"$kiln"))"
 fi
 if [ "$which" = all ] || [ "$which" = ledger ] || [ "$which" = queue ] || [ "$which" = http ]; then
 
@@ -209,4 +234,7 @@ MD
 cleanup_http; trap - EXIT
 psql "$admin" -qc "DROP DATABASE IF EXISTS kiln_bench_http WITH (FORCE)" >/dev/null
 fi
-psql "$admin" -qc "DROP DATABASE IF EXISTS kiln_bench_pgbench WITH (FORCE)" >/dev/null 2>&1 || true
+# Only the database sections made it (BENCH=assets or BENCH=cutout set no $admin).
+if [ -n "${admin:-}" ]; then
+    psql "$admin" -qc "DROP DATABASE IF EXISTS kiln_bench_pgbench WITH (FORCE)" >/dev/null 2>&1 || true
+fi
