@@ -453,6 +453,10 @@ async fn jobs(
     let limit = q.limit.unwrap_or(50).clamp(1, 200);
     let mut tx = api.queue.ledger().db().begin_read().await?;
     if let Some(key) = &q.idempotency_key {
+        // A key no order could have been given (empty, too long, control characters) names no
+        // job; PostgreSQL would refuse a NUL in it outright.
+        kiln_jobs::check_order_key(key)
+            .map_err(|_| ApiError::bad_request("idempotency_key is not a key an order can have"))?;
         let found = kiln_jobs::job_by_key(&mut tx, a.id, key).await?;
         let jobs = found
             .filter(|j| q.status.is_none_or(|s| s == j.status))
