@@ -147,7 +147,10 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
         ("KILN_S3_REGION", "us-east-1"),
         ("KILN_S3_ACCESS_KEY_ID", S3_ACCESS_KEY),
         ("KILN_S3_SECRET_ACCESS_KEY", S3_SECRET_KEY),
-        ("KILN_RETRY_BASE_MS", "200"),
+        // Small, so two retries are seen early and the next one, after S3 is back, comes soon:
+        // at 200 ms a loaded machine saw attempts 3 and 4 (3.2 and 12.8 s) and the one after
+        // could be 51 s away, past the deadline.
+        ("KILN_RETRY_BASE_MS", "50"),
     ];
     let storage = Path::new("s3://kiln-test");
     let cmd = |max_attempts: &str| {
@@ -218,6 +221,8 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
     );
 
     s3.start_again();
+    // Its own deadline: the next attempt is one backoff away from the last one seen.
+    let deadline = Instant::now() + Duration::from_secs(120);
     wait_for("the patient job to succeed", deadline, || {
         field(&pg.url, &patient, "status") == "succeeded"
     });
