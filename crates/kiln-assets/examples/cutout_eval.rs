@@ -15,13 +15,9 @@ use kiln_assets::{Limits, salient};
 
 fn on_velvet(cut: &Cutout) -> RgbImage {
     let (w, h) = cut.image.dimensions();
-    RgbImage::from_fn(w, h, |x, y| {
-        let p = cut.image.get_pixel(x, y);
-        let a = u32::from(p[3]);
-        let bg = [28u32, 64, 44];
-        Rgb([0, 1, 2]
-            .map(|c| u8::try_from((u32::from(p[c]) * a + bg[c] * (255 - a)) / 255).unwrap_or(255)))
-    })
+    let mut velvet = RgbImage::from_pixel(w, h, Rgb([28, 64, 44]));
+    photo::composite(&mut velvet, &cut.image, 0, 0);
+    velvet
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

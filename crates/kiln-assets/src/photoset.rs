@@ -25,16 +25,6 @@ impl Photo {
     }
 }
 
-/// The products of the set, by name.
-pub const NAMES: [&str; 6] = [
-    "kundan-earring",
-    "pearl-necklace",
-    "silver-ring-on-grey",
-    "filigree-pendant",
-    "gold-hoop",
-    "nose-ring",
-];
-
 type Color = [f32; 3];
 
 const GOLD_DARK: Color = [150.0, 104.0, 38.0];
@@ -275,68 +265,50 @@ fn nose_ring(x: f32, y: f32) -> Option<Color> {
         .then(|| metal(GOLD_DARK, GOLD_LIGHT, a, (r - 0.92) / 0.08))
 }
 
-/// How a product is photographed: its drawing, the sweep's colour, the photo's size.
-struct Setup {
-    product: &'static Product,
-    backdrop: Color,
-    size: (u32, u32),
-    seed: u64,
-}
+/// How each product is photographed: its name, drawing, the sweep's colour and the photo's
+/// size. Its place in the list seeds its grain.
+const SET: [(&str, &Product, Color, (u32, u32)); 6] = [
+    ("kundan-earring", &kundan_earring, OFF_WHITE, (3024, 4032)),
+    (
+        "pearl-necklace",
+        &pearl_necklace,
+        [242.0, 241.0, 238.0],
+        (3024, 4032),
+    ),
+    (
+        "silver-ring-on-grey",
+        &silver_ring,
+        [201.0, 203.0, 206.0],
+        (3024, 4032),
+    ),
+    (
+        "filigree-pendant",
+        &filigree_pendant,
+        OFF_WHITE,
+        (3024, 4032),
+    ),
+    ("gold-hoop", &gold_hoop, [228.0, 226.0, 222.0], (2268, 3024)),
+    ("nose-ring", &nose_ring, OFF_WHITE, (2268, 3024)),
+];
 
-fn setup(name: &str) -> Option<Setup> {
-    let off_white = [238.0, 235.0, 230.0];
-    Some(match name {
-        "kundan-earring" => Setup {
-            product: &kundan_earring,
-            backdrop: off_white,
-            size: (3024, 4032),
-            seed: 1,
-        },
-        "pearl-necklace" => Setup {
-            product: &pearl_necklace,
-            backdrop: [242.0, 241.0, 238.0],
-            size: (3024, 4032),
-            seed: 2,
-        },
-        "silver-ring-on-grey" => Setup {
-            product: &silver_ring,
-            backdrop: [201.0, 203.0, 206.0],
-            size: (3024, 4032),
-            seed: 3,
-        },
-        "filigree-pendant" => Setup {
-            product: &filigree_pendant,
-            backdrop: off_white,
-            size: (3024, 4032),
-            seed: 4,
-        },
-        "gold-hoop" => Setup {
-            product: &gold_hoop,
-            backdrop: [228.0, 226.0, 222.0],
-            size: (2268, 3024),
-            seed: 5,
-        },
-        "nose-ring" => Setup {
-            product: &nose_ring,
-            backdrop: off_white,
-            size: (2268, 3024),
-            seed: 6,
-        },
-        _ => return None,
-    })
-}
+const OFF_WHITE: Color = [238.0, 235.0, 230.0];
+
+/// The products of the set, by name.
+pub const NAMES: [&str; 6] = [SET[0].0, SET[1].0, SET[2].0, SET[3].0, SET[4].0, SET[5].0];
 
 /// The photograph `name` (one of `NAMES`), portrait at its phone resolution divided by
 /// `downscale` (1 for the full size).
 pub fn photo(name: &str, downscale: u32) -> Option<Photo> {
-    let set = setup(name)?;
-    let (w, h) = (set.size.0 / downscale.max(1), set.size.1 / downscale.max(1));
+    let (index, &(name, product, backdrop, size)) =
+        SET.iter().enumerate().find(|(_, s)| s.0 == name)?;
+    let seed = index as u64 + 1;
+    let (w, h) = (size.0 / downscale.max(1), size.1 / downscale.max(1));
     #[allow(clippy::cast_precision_loss)]
     let (fw, fh) = (w as f32, h as f32);
     let unit = fw.min(fh);
     // The product is drawn in a unit square centred in the frame.
     let (ox, oy) = ((fw - unit) / 2.0, (fh - unit) / 2.0);
-    let at = |x: f32, y: f32| (set.product)((x - ox) / unit, (y - oy) / unit);
+    let at = |x: f32, y: f32| product((x - ox) / unit, (y - oy) / unit);
 
     // The cast shadow: the silhouette shifted down and right, blurred, at 1/400 of the
     // product's scale, read back bilinear.
@@ -362,7 +334,7 @@ pub fn photo(name: &str, downscale: u32) -> Option<Photo> {
         radius,
     );
 
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ set.seed.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03));
     let mut truth = vec![false; (w as usize) * (h as usize)];
     let img = RgbImage::from_fn(w, h, |x, y| {
         #[allow(clippy::cast_precision_loss)]
@@ -382,7 +354,7 @@ pub fn photo(name: &str, downscale: u32) -> Option<Photo> {
                 fy / step as f32 - 0.5,
             );
             let k = fall * (1.0 - 0.32 * s);
-            set.backdrop.map(|v| v * k)
+            backdrop.map(|v| v * k)
         };
         let g = rng.grain(2.5);
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -390,7 +362,7 @@ pub fn photo(name: &str, downscale: u32) -> Option<Photo> {
     });
     let jpeg = crate::encode_jpeg(&img, 88).ok()?;
     Some(Photo {
-        name: NAMES.iter().copied().find(|n| *n == name)?,
+        name,
         jpeg,
         width: w,
         height: h,
