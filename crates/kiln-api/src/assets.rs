@@ -156,6 +156,11 @@ pub(crate) struct SignedAsset {
     /// The image checks it passed (sizes, background, fill), as measured.
     #[schema(value_type = Option<Object>)]
     quality: Option<Value>,
+    /// On the cut-out (`cutout_image`): which cut-out made it — `method` (`colour` or
+    /// `learned_and_colour`), `model` and `model_sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    cutout: Option<Value>,
     /// Valid until `urls_expire_at`.
     #[serde(default)]
     url: String,

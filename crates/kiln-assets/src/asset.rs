@@ -36,6 +36,17 @@ pub struct Asset {
     pub height: Option<u32>,
     pub alt: Option<String>,
     pub quality: Option<Quality>,
+    /// For the cut-out: which cut-out made it.
+    pub cutout: Option<CutoutNote>,
+}
+
+/// Which cut-out ran, as the manifest says it: the method and, when the learned mask guided
+/// it, the model's source and sha256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CutoutNote {
+    pub method: crate::photo::Method,
+    pub model: Option<String>,
+    pub model_sha256: Option<String>,
 }
 
 impl Asset {
@@ -50,6 +61,7 @@ impl Asset {
             height: None,
             alt: None,
             quality: None,
+            cutout: None,
         }
     }
 }
@@ -71,12 +83,17 @@ pub(crate) fn image_asset(
         height: Some(img.height()),
         alt: Some(alt),
         quality: Some(quality::judge(img, main)),
+        cutout: None,
     })
 }
 
 /// `photos/cutout.png`: the cut-out as an RGBA PNG (fast compression: a phone photo's cut-out
 /// is megapixels of alpha).
-pub(crate) fn cutout_asset(img: &image::RgbaImage, alt: String) -> Result<Asset, AssetError> {
+pub(crate) fn cutout_asset(
+    img: &image::RgbaImage,
+    alt: String,
+    note: CutoutNote,
+) -> Result<Asset, AssetError> {
     use image::ImageEncoder;
     let mut bytes = Vec::new();
     image::codecs::png::PngEncoder::new_with_quality(
@@ -100,5 +117,6 @@ pub(crate) fn cutout_asset(img: &image::RgbaImage, alt: String) -> Result<Asset,
         height: Some(img.height()),
         alt: Some(alt),
         quality: None,
+        cutout: Some(note),
     })
 }

@@ -4,7 +4,7 @@
 use kiln_core::{Kit, ProductSpec};
 use serde::Serialize;
 
-use crate::asset::{Asset, Role, image_asset};
+use crate::asset::{Asset, CutoutNote, Role, image_asset};
 use crate::photo::{self, MASTER_FILL, MASTER_SIDE};
 use crate::{AssetError, Limits, Quality, copy, sha256_hex};
 
@@ -67,7 +67,8 @@ pub fn generate(
     next(progress);
     let (_, img) = crate::decode(upload, &Limits::default())?;
     next(progress);
-    let cut = photo::cut_out_decoded(&img, None)?;
+    let model = crate::salient::active()?;
+    let cut = photo::cut_out_decoded(&img, Some(&model))?;
     let mut warnings = Vec::new();
     if !cut.background.is_uniform() {
         warnings.push(format!(
@@ -148,6 +149,11 @@ pub fn generate(
     assets.push(crate::asset::cutout_asset(
         &cut.image,
         copy::alt_text(spec, "cut out on a transparent background"),
+        CutoutNote {
+            method: cut.method,
+            model: Some(model.source.clone()),
+            model_sha256: Some(model.sha256.clone()),
+        },
     )?);
 
     next(progress);
@@ -267,6 +273,9 @@ pub struct ManifestEntry {
     pub sha256: String,
     pub alt: Option<String>,
     pub quality: Option<Quality>,
+    /// On the cut-out's line: which cut-out ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cutout: Option<CutoutNote>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -293,6 +302,7 @@ impl Manifest {
                 sha256: sha256_hex(&a.bytes),
                 alt: a.alt.clone(),
                 quality: a.quality.clone(),
+                cutout: a.cutout.clone(),
             })
             .collect();
         Manifest {

@@ -21,7 +21,7 @@ pub mod salient;
 pub mod sample;
 pub mod scene;
 
-pub use asset::{Asset, Role};
+pub use asset::{Asset, CutoutNote, Role};
 pub use decode::{Decoded, Limits, Probe, decode, probe};
 pub use generator::{Generator, KitError, Progress};
 pub use kit::{Manifest, ManifestEntry, Step, generate};

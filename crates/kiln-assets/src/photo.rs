@@ -9,6 +9,7 @@ use image::{Rgb, RgbImage, Rgba, RgbaImage};
 use crate::{AssetError, Decoded};
 
 pub mod matte;
+mod refine;
 
 /// Read access to upload pixels, RGB or RGBA, so cut-outs work on the decoder's own buffer.
 pub trait Pixels {
@@ -162,15 +163,70 @@ pub enum Method {
 }
 
 /// The cut-out of a decoded upload, on its own pixel layout: guided by `model` when given.
+/// With the model, the decision (object or backdrop) is taken on the upload shrunk to at most
+/// `WORK_SIDE` pixels, and only the pixels along the edge are looked at again at full
+/// resolution (`refine`): the learned mask is 320 pixels across, so the decision gains
+/// nothing from twelve megapixels, and the edge is where they matter.
 pub fn cut_out_decoded(
     img: &Decoded,
     model: Option<&crate::salient::Salient>,
 ) -> Result<Cutout, AssetError> {
-    let mask = model.map(|m| m.predict(img)).transpose()?;
-    match img {
-        Decoded::Rgb(i) => cut_out(i, mask.as_ref()),
-        Decoded::Rgba(i) => cut_out(i, mask.as_ref()),
+    match (img, model) {
+        (Decoded::Rgb(i), None) => cut_out(i, None),
+        (Decoded::Rgba(i), None) => cut_out(i, None),
+        (Decoded::Rgb(i), Some(m)) => cut_out_learned(i, m),
+        (Decoded::Rgba(i), Some(m)) => cut_out_learned(i, m),
     }
+}
+
+/// The long side of the image the learned cut-out decides on.
+pub const WORK_SIDE: u32 = 1024;
+
+fn cut_out_learned(
+    img: &impl Pixels,
+    model: &crate::salient::Salient,
+) -> Result<Cutout, AssetError> {
+    let (w, h) = img.dimensions();
+    let k = w.max(h).div_ceil(WORK_SIDE).max(1);
+    let small = shrink(img, k);
+    let saliency = model.predict_rgba(&small)?;
+    let low = mask(&small, Some(&saliency), k > 1)?;
+    if k == 1 {
+        return trim(img, low, Method::LearnedAndColour);
+    }
+    let full = refine::refine(img, &small, &low, k);
+    trim(img, full, Method::LearnedAndColour)
+}
+
+/// `img` shrunk by `k` in each direction, each pixel the mean of its `k`x`k` block.
+fn shrink(img: &impl Pixels, k: u32) -> RgbaImage {
+    let (w, h) = img.dimensions();
+    let (sw, sh) = (w.div_ceil(k), h.div_ceil(k));
+    let mut sums = vec![[0u32; 5]; sw as usize];
+    let mut out = RgbaImage::new(sw, sh);
+    for sy in 0..sh {
+        sums.iter_mut().for_each(|s| *s = [0; 5]);
+        for y in sy * k..((sy + 1) * k).min(h) {
+            for x in 0..w {
+                let p = img.rgba(x, y);
+                let s = &mut sums[(x / k) as usize];
+                for c in 0..4 {
+                    s[c] += u32::from(p[c]);
+                }
+                s[4] += 1;
+            }
+        }
+        for (sx, s) in sums.iter().enumerate() {
+            let n = s[4].max(1);
+            #[allow(clippy::cast_possible_truncation)]
+            out.put_pixel(
+                sx as u32,
+                sy,
+                Rgba([0, 1, 2, 3].map(|c| u8::try_from((s[c] + n / 2) / n).unwrap_or(255))),
+            );
+        }
+    }
+    out
 }
 
 /// Cuts the product out. Colour alone: alpha ramps from 0 (background colour) to 255 over a
@@ -181,6 +237,43 @@ pub fn cut_out(
     img: &impl Pixels,
     saliency: Option<&image::GrayImage>,
 ) -> Result<Cutout, AssetError> {
+    let method = if saliency.is_some() {
+        Method::LearnedAndColour
+    } else {
+        Method::Colour
+    };
+    let m = mask(img, saliency, false)?;
+    trim(img, m, method)
+}
+
+/// Alpha (and, when matted, straight colour) over the part of an image the product is in.
+#[derive(Debug)]
+pub(crate) struct Masked {
+    pub region: matte::Region,
+    pub alpha: Vec<u8>,
+    pub colour: Option<Vec<[u8; 3]>>,
+    pub background: Background,
+}
+
+fn no_product() -> AssetError {
+    AssetError::NoProduct(
+        "no product found: the design matches its background or the image is blank".into(),
+    )
+}
+
+/// A row or column belongs to the product only with a few solid pixels in it (specks and
+/// grain do not count).
+fn span(counts: &[u32], min: u32) -> Option<(u32, u32)> {
+    let first = counts.iter().position(|&c| c >= min)?;
+    let last = counts.iter().rposition(|&c| c >= min)?;
+    Some((u32::try_from(first).ok()?, u32::try_from(last).ok()? + 1))
+}
+
+fn mask(
+    img: &impl Pixels,
+    saliency: Option<&image::GrayImage>,
+    shrunk: bool,
+) -> Result<Masked, AssetError> {
     let bg = estimate_background(img);
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let t0 = (bg.spread * 3.0).clamp(10.0, 60.0) as u32;
@@ -220,19 +313,6 @@ pub fn cut_out(
         };
         u8::try_from(a * u32::from(p[3]) / 255).unwrap_or(255)
     };
-    // A row or column belongs to the product only with a few solid pixels in it (specks and
-    // grain do not count).
-    let span = |counts: &[u32], min: u32| -> Option<(u32, u32)> {
-        let first = counts.iter().position(|&c| c >= min)?;
-        let last = counts.iter().rposition(|&c| c >= min)?;
-        Some((u32::try_from(first).ok()?, u32::try_from(last).ok()? + 1))
-    };
-    let none = || {
-        AssetError::NoProduct(
-            "no product found: the design matches its background or the image is blank".into(),
-        )
-    };
-
     let learned = saliency.map(|m| crate::salient::Upsampled::new(m, w, h));
     let object_at = |x: u32, y: u32| {
         alpha_at(x, y) >= 128 || learned.as_ref().is_some_and(|l| l.at(x, y) >= matte::SURE)
@@ -253,7 +333,7 @@ pub fn cut_out(
         span(&cols, (ch / 400).max(2)),
         span(&rows, (cw / 400).max(2)),
     ) else {
-        return Err(none());
+        return Err(no_product());
     };
     // Fine pass over that region plus a margin (wider with the learned mask, whose edge is
     // soft over a few of its 320 pixels), at full resolution.
@@ -283,10 +363,28 @@ pub fn cut_out(
     };
     let mut colour: Option<Vec<[u8; 3]>> = None;
     if let Some(l) = &learned {
-        let m = matte::matte(img, &bg, l, region, &alpha);
+        let m = matte::matte(img, &bg, l, region, &alpha, shrunk);
         alpha = m.alpha;
         colour = Some(m.colour);
     }
+    Ok(Masked {
+        region,
+        alpha,
+        colour,
+        background: bg,
+    })
+}
+
+/// The product trimmed to its bounds, as RGBA.
+fn trim(img: &impl Pixels, m: Masked, method: Method) -> Result<Cutout, AssetError> {
+    let (w, h) = img.dimensions();
+    let matte::Region {
+        x0: rx0,
+        y0: ry0,
+        w: rw,
+        h: rh,
+    } = m.region;
+    let (alpha, colour) = (m.alpha, m.colour);
     let (mut rows, mut cols) = (vec![0u32; rh as usize], vec![0u32; rw as usize]);
     for (i, &a) in alpha.iter().enumerate() {
         if a >= 128 {
@@ -297,7 +395,7 @@ pub fn cut_out(
     let (Some((x0, x1)), Some((y0, y1))) =
         (span(&cols, (h / 400).max(2)), span(&rows, (w / 400).max(2)))
     else {
-        return Err(none());
+        return Err(no_product());
     };
     let bounds = Bounds {
         x0: x0 + rx0,
@@ -324,12 +422,8 @@ pub fn cut_out(
     });
     Ok(Cutout {
         image,
-        background: bg,
-        method: if learned.is_some() {
-            Method::LearnedAndColour
-        } else {
-            Method::Colour
-        },
+        background: m.background,
+        method,
         bounds,
         upload_size: (w, h),
     })

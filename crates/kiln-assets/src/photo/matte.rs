@@ -197,7 +197,8 @@ fn morph(map: &[bool], w: usize, h: usize, r: usize, keep_all: bool) -> Vec<bool
 }
 
 /// The combined cut-out of `region`. `colour_alpha` is the colour-only alpha there (used
-/// where the learned mask says backdrop).
+/// where the learned mask says backdrop); `shrunk` when `img` is the upload shrunk (its
+/// pixels are block means).
 #[allow(clippy::too_many_lines)]
 pub fn matte(
     img: &impl Pixels,
@@ -205,6 +206,7 @@ pub fn matte(
     learned: &Upsampled<'_>,
     region: Region,
     colour_alpha: &[u8],
+    shrunk: bool,
 ) -> Matte {
     let (w, h) = (region.w as usize, region.h as usize);
     let (iw, ih) = img.dimensions();
@@ -275,13 +277,16 @@ pub fn matte(
             learned.at(region.x0 + (i % w) as u32, region.y0 + (i / w) as u32)
         })
         .collect();
+    // Colour with the grain averaged out: over 3x3 at full resolution; a shrunk image's pixels
+    // are averages already, and averaging again would mix a piece's rim with its shadow.
+    let radius = usize::from(!shrunk);
     let smooth: Vec<[i32; 3]> = (0..w * h)
         .map(|i| {
             let (x, y) = (i % w, i / w);
             let mut sum = [0i32; 3];
             let mut n = 0;
-            for yy in y.saturating_sub(1)..=(y + 1).min(h - 1) {
-                for xx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
+            for yy in y.saturating_sub(radius)..=(y + radius).min(h - 1) {
+                for xx in x.saturating_sub(radius)..=(x + radius).min(w - 1) {
                     let p = pixel(xx, yy);
                     for c in 0..3 {
                         sum[c] += i32::from(p[c]);
