@@ -42,6 +42,7 @@ if [ "$which" = all ] || [ "$which" = assets ]; then
 |---|---|---|
 | vipsthumbnail -s 2000 (whole process) | $m_vips | 1.00 |
 | kiln decode alone | $(get decode) | $(ratio "$(get decode)" "$m_vips") |
+| kiln cut-out model alone (U²-Net-p, 320x320) | $(get model) | $(ratio "$(get model)" "$m_vips") |
 | kiln 2000x2000 master (decode, cut-out, place on white, encode) | $(get master) | $(ratio "$(get master)" "$m_vips") |
 | kiln Essentials kit | $(get essentials) | $(ratio "$(get essentials)" "$m_vips") |
 | kiln Caratzon kit | $(get caratzon) | $(ratio "$(get caratzon)" "$m_vips") |

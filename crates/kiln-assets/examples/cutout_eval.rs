@@ -45,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut times = Vec::new();
             let mut last = None;
             for _ in 0..runs.max(1) {
+                salient::forget_recent();
                 let t = Instant::now();
                 let (_, img) = kiln_assets::decode(&p.jpeg, &Limits::default())?;
                 let cut = photo::cut_out_decoded(&img, m)?;

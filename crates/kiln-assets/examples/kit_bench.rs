@@ -1,11 +1,13 @@
 //! Timing for `make bench`: the 2000x2000 master and whole kits from a 4000x4000 JPEG upload.
 //! `kit_bench OUT_DIR [runs]` writes the upload to OUT_DIR/upload.jpg (so scripts/bench.sh can
 //! time vipsthumbnail on the same file) and prints `name median_ms` lines. Single-threaded.
+//! Every run runs the cut-out model afresh (the masks a process keeps are forgotten first);
+//! `model` is the model alone, on the upload shrunk for it.
 
 use std::time::Instant;
 
 use kiln_assets::photo::{self, MASTER_FILL, MASTER_SIDE};
-use kiln_assets::{Limits, encode_jpeg, generate, sample};
+use kiln_assets::{Limits, encode_jpeg, generate, salient, sample};
 use kiln_core::{Kit, ProductSpec};
 
 fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
@@ -29,9 +31,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("upload.jpg"), &upload)?;
     let spec = ProductSpec::from_json(sample::SPEC_JSON.as_bytes())?;
 
+    let model = salient::active()?;
     let master = median_ms(runs, || {
+        salient::forget_recent();
         let (_, img) = kiln_assets::decode(&upload, &Limits::default()).expect("decode");
-        let cut = photo::cut_out_decoded(&img, None).expect("cut out");
+        let cut = photo::cut_out_decoded(&img, Some(&model)).expect("cut out");
         let (m, _) = photo::place_on_white(&cut, MASTER_SIDE, MASTER_FILL, 0.0).expect("place");
         std::hint::black_box(encode_jpeg(&m, 92).expect("encode"));
     });
@@ -40,8 +44,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::hint::black_box(kiln_assets::decode(&upload, &Limits::default()).expect("decode"));
     });
     println!("decode {decode:.1}");
+    let small = image::RgbaImage::from_pixel(1000, 1000, image::Rgba([200, 200, 200, 255]));
+    let alone = median_ms(runs, || {
+        salient::forget_recent();
+        std::hint::black_box(model.predict_rgba(&small).expect("model"));
+    });
+    println!("model {alone:.1}");
     for kit in [Kit::Essentials, Kit::Caratzon] {
         let ms = median_ms(runs, || {
+            salient::forget_recent();
             std::hint::black_box(generate(&upload, &spec, kit, &mut |_| {}).expect("kit"));
         });
         println!("{kit} {ms:.1}");

@@ -1,0 +1,40 @@
+//! Where the cut-out model's time goes: `model_profile [side]` runs U²-Net-p (the vendored
+//! file) three times at `side` (320 by default) and prints the time per kind of operation of
+//! the last run. Run it single-threaded (`taskset -c 0`); tract's knobs apply
+//! (`TRACT_DISABLE_DIRECT_SPATIAL=1`, as kiln sets it).
+
+use std::collections::HashMap;
+use std::time::Instant;
+use tract_onnx::prelude::*;
+fn main() -> TractResult<()> {
+    let bytes = std::fs::read("crates/kiln-assets/models/u2netp.onnx")?;
+    let side: usize = std::env::args().nth(1).map_or(Ok(320), |s| s.parse())?;
+    let plan = tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])?
+        .with_input_fact(0, f32::fact([1, 3, side, side]).into())?
+        .into_optimized()?
+        .into_runnable()?;
+    let input: Tensor = tract_ndarray::Array4::<f32>::from_elem((1, 3, side, side), 0.3).into();
+    let mut state = tract_onnx::tract_core::plan::SimpleState::new(&plan)?;
+    let mut times: HashMap<String, (f64, usize)> = HashMap::new();
+    for round in 0..3 {
+        let t = Instant::now();
+        state.run_plan_with_eval(tvec!(input.clone().into()), |ctx, st, node, inputs| {
+            let t = Instant::now();
+            let r = tract_onnx::tract_core::plan::eval(ctx, st, node, inputs);
+            if round == 2 {
+                let e = times.entry(format!("{}", node.op().name())).or_default();
+                e.0 += t.elapsed().as_secs_f64() * 1000.0;
+                e.1 += 1;
+            }
+            r
+        })?;
+        println!("run {round}: {:.0} ms", t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let mut v: Vec<_> = times.into_iter().collect();
+    v.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
+    for (k, (ms, n)) in v.iter().take(15) {
+        println!("{k:30} {ms:8.1} ms {n}");
+    }
+    Ok(())
+}
