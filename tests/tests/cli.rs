@@ -224,3 +224,28 @@ fn commands_refuse_an_unmigrated_database_and_change_nothing() {
         ok(&kiln(Some(url), &dir.0, &["status"]));
     }
 }
+
+/// A cut-out model file that is missing or broken stops `kiln work` at start-up, naming its
+/// path, before any paid kit could fail on it.
+#[test]
+fn a_bad_cutout_model_stops_the_worker_at_start_naming_its_path() {
+    let dir = Scratch::new();
+    let db = format!("sqlite://{}", dir.0.join("kiln.db").display());
+    let storage = dir.0.join("objects");
+    kiln_e2e::migrate(&db, &storage);
+    let broken = dir.0.join("broken-u2netp.onnx");
+    std::fs::write(&broken, b"not an onnx model").expect("write");
+    for path in [dir.0.join("missing-u2netp.onnx"), broken] {
+        let out = kiln_e2e::kiln_cmd(&db, &storage)
+            .env("KILN_CUTOUT_MODEL", &path)
+            .args(["work", "--queues", "essentials"])
+            .output()
+            .expect("kiln runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with {}", path.display());
+        assert!(
+            stderr.contains(&path.display().to_string()) && stderr.contains("cut-out model"),
+            "{stderr}"
+        );
+    }
+}

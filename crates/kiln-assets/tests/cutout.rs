@@ -80,8 +80,8 @@ fn a_corrupt_model_is_refused_at_load_naming_its_path() {
 
 /// The detail crop lands on the product, never on empty frame: on every test photo (the
 /// U-shaped necklace's middle is empty; the old top-centre crop was all white there), the
-/// square is at least 10% true product, with the colour cut-out the kits use and with the
-/// learned one.
+/// square is at least 10% true product, with the learned cut-out the kits use and with the
+/// colour one.
 #[test]
 fn detail_crops_are_mostly_product() {
     let model = salient::active().expect("model");

@@ -171,6 +171,8 @@ fn the_line_sheet_is_a_real_pdf_with_the_facts_as_text() {
 fn same_input_same_bytes() {
     let upload = png(&sample::ring(900));
     let a = generate(&upload, &spec(), Kit::Essentials, &mut |_| {}).expect("kit");
+    // The cut-out model runs again too, not from the masks the process keeps.
+    kiln_assets::salient::forget_recent();
     let b = generate(&upload, &spec(), Kit::Essentials, &mut |_| {}).expect("kit");
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
@@ -190,6 +192,31 @@ fn same_input_same_bytes() {
             .all(|e| e.key.starts_with("kits/01jtestjob/") && e.sha256.len() == 64)
     );
     assert_eq!(manifest.assets.len(), a.len());
+    // The manifest names the cut-out that ran, on the cut-out's line only.
+    let noted: Vec<_> = manifest
+        .assets
+        .iter()
+        .filter_map(|e| e.cutout.as_ref().map(|c| (e.key.as_str(), c)))
+        .collect();
+    assert_eq!(noted.len(), 1, "{noted:?}");
+    let (key, note) = noted[0];
+    assert!(key.ends_with("photos/cutout.png"), "{key}");
+    assert_eq!(note.method, kiln_assets::photo::Method::LearnedAndColour);
+    assert_eq!(note.model.as_deref(), Some("embedded u2netp"));
+    assert_eq!(
+        note.model_sha256.as_deref(),
+        Some(kiln_assets::salient::EMBEDDED_SHA256)
+    );
+    let json = serde_json::to_value(&manifest).expect("json");
+    assert_eq!(
+        json["assets"]
+            .as_array()
+            .expect("assets")
+            .iter()
+            .filter(|a| a.get("cutout").is_some())
+            .count(),
+        1
+    );
 }
 
 #[test]

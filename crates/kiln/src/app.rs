@@ -280,6 +280,28 @@ impl App {
         Ok((addr, server))
     }
 
+    /// The cut-out model the kits of this process use, loaded, checked and installed: the one
+    /// at `[generator] cutout_model` when set, else the built-in one. A missing or broken file
+    /// is an error naming its path, before any kit runs.
+    pub fn cutout_model(&self) -> anyhow::Result<kiln_assets::salient::Salient> {
+        use kiln_assets::salient::{self, Salient};
+        let model = match &self.settings.generator.cutout_model {
+            Some(path) => Salient::load(std::path::Path::new(path))?,
+            None => Salient::embedded()?,
+        };
+        if !salient::install(model.clone()) {
+            let active = salient::active()?;
+            if active.sha256 != model.sha256 {
+                anyhow::bail!(
+                    "the cut-out model {} cannot replace {} already in use in this process",
+                    model.source,
+                    active.source
+                );
+            }
+        }
+        Ok(model)
+    }
+
     /// Runs the workers of `opts` and the maintenance loop until `shutdown` completes, then
     /// lets running kits finish within the grace period. Wrong storage settings stop it at
     /// once; a storage outage does not (kits retry until it ends).
@@ -295,6 +317,8 @@ impl App {
             }
             Err(e) => return Err(e).context("storage refused the worker's settings"),
         }
+        let model = self.cutout_model()?;
+        tracing::info!(model = %model.source, sha256 = %model.sha256, "cut-out model loaded");
         let cfg = self.worker_config(&opts);
         tracing::info!(
             worker = %cfg.name,

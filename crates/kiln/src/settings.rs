@@ -103,6 +103,10 @@ pub struct GeneratorSettings {
     pub image_model: String,
     /// `KILN_PROVIDER_TIMEOUT_SECS`.
     pub timeout_secs: u64,
+    /// `KILN_CUTOUT_MODEL`: a U²-Net-p ONNX file for the learned cut-out. Default (unset): the
+    /// model built into kiln. Loaded and checked when workers start: a missing or broken file
+    /// stops them then, naming its path.
+    pub cutout_model: Option<String>,
 }
 
 impl Default for GeneratorSettings {
@@ -114,6 +118,7 @@ impl Default for GeneratorSettings {
             text_model: "gpt-4o-mini".into(),
             image_model: "gpt-image-1".into(),
             timeout_secs: 120,
+            cutout_model: None,
         }
     }
 }
@@ -320,6 +325,9 @@ impl Settings {
             g.image_model = v;
         }
         number(env, "KILN_PROVIDER_TIMEOUT_SECS", &mut g.timeout_secs)?;
+        if let Some(v) = env.get("KILN_CUTOUT_MODEL") {
+            g.cutout_model = Some(v);
+        }
         number(env, "KILN_SUBMIT_BURST", &mut self.api.submit_burst)?;
         number(
             env,
