@@ -107,7 +107,7 @@ impl Salient {
         )])
         .map_err(bad)?;
         let plan = scope.enter(|| -> Result<_, AssetError> {
-            Ok(tract_onnx::onnx()
+            tract_onnx::onnx()
                 .model_for_read(&mut &bytes[..])
                 .map_err(bad)?
                 .with_input_fact(0, f32::fact([1, 3, SIDE as usize, SIDE as usize]).into())
@@ -115,7 +115,7 @@ impl Salient {
                 .into_optimized()
                 .map_err(bad)?
                 .into_runnable()
-                .map_err(bad)?)
+                .map_err(bad)
         })?;
         let s = Salient {
             plan,
