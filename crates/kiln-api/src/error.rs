@@ -120,6 +120,7 @@ impl From<LedgerError> for ApiError {
             }
             LedgerError::UnknownPack { .. }
             | LedgerError::BadKey { .. }
+            | LedgerError::ReservedKey(_)
             | LedgerError::BadHoldExpiry { .. }
             | LedgerError::InvalidAmount(_)
             | LedgerError::AllowanceRequired(_)

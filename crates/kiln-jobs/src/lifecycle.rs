@@ -218,7 +218,25 @@ pub async fn retry_later(
     code: &str,
     message: &str,
 ) -> Result<bool> {
-    requeue(tx, id, fence, now, run_at, Some((code, message))).await
+    requeue(
+        tx,
+        id,
+        fence,
+        now,
+        run_at,
+        Some((code, message)),
+        Attempt::Counts,
+    )
+    .await
+}
+
+/// Whether the attempt a requeue ends counts against the job's `max_attempts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Attempt {
+    /// It ran and failed (or went silent): it counts.
+    Counts,
+    /// It was stopped from outside (a deploy's hand-back): it is given back.
+    GivenBack,
 }
 
 /// Cancels a queued job of `account`'s and releases its credits. Any other status is
@@ -247,8 +265,8 @@ pub async fn cancel(tx: &mut Tx, ctx: &Ctx<'_>, account: AccountId, id: &JobId) 
 }
 
 /// Back to queued on a fresh task due at `run_at`, with a new fencing token that shuts out any
-/// straggler; `error` (code, message) is recorded when given. `false` if `fence` is stale or the
-/// job has ended.
+/// straggler; `error` (code, message) is recorded when given, and the attempt given back when
+/// `attempt` says so. `false` if `fence` is stale or the job has ended.
 pub(crate) async fn requeue(
     tx: &mut Tx,
     id: &JobId,
@@ -256,12 +274,14 @@ pub(crate) async fn requeue(
     now: Timestamp,
     run_at: Timestamp,
     error: Option<(&str, &str)>,
+    attempt: Attempt,
 ) -> Result<bool> {
     let task = TaskId::generate();
     let kit: Option<String> = on_tx!(tx, c => sqlx::query_scalar(
         "UPDATE kit_jobs SET status = 'queued', task_id = $3, fence = fence + 1, worker = NULL, \
          run_at_ms = $4, updated_at_ms = $5, error_code = COALESCE($6, error_code), \
-         error_message = COALESCE($7, error_message) \
+         error_message = COALESCE($7, error_message), \
+         attempts = attempts - CASE WHEN $8 = 1 AND status = 'running' AND attempts > 0 THEN 1 ELSE 0 END \
          WHERE id = $1 AND fence = $2 AND status IN ('queued', 'running') RETURNING kit",
     )
     .bind(id.as_str())
@@ -271,6 +291,7 @@ pub(crate) async fn requeue(
     .bind(now.millis())
     .bind(error.map(|e| e.0))
     .bind(error.map(|e| e.1))
+    .bind(i32::from(attempt == Attempt::GivenBack))
     .fetch_optional(&mut **c)
     .await?);
     let Some(kit) = kit else {
@@ -283,7 +304,9 @@ pub(crate) async fn requeue(
 
 /// Hands back the jobs still running under worker names starting with `worker_prefix` (a
 /// `kiln work` process whose grace period ran out): queued again at once on new tasks, so
-/// another worker takes them without waiting for their leases to run out. Returns how many.
+/// another worker takes them without waiting for their leases to run out, and with the attempt
+/// given back — a deploy is not the kit's failure, and on its last attempt the next claim
+/// would otherwise fail it as `attempts_exhausted`. Returns how many.
 pub async fn hand_back(tx: &mut Tx, now: Timestamp, worker_prefix: &str) -> Result<u32> {
     let held: Vec<(String, i64)> = on_tx!(tx, c => sqlx::query_as(
         "SELECT id, fence FROM kit_jobs WHERE status = 'running' AND worker LIKE $1",
@@ -294,7 +317,7 @@ pub async fn hand_back(tx: &mut Tx, now: Timestamp, worker_prefix: &str) -> Resu
     let mut n = 0;
     for (id, fence) in held {
         let id: JobId = id.parse().map_err(|_| corrupt("id", &id))?;
-        if requeue(tx, &id, Fence(fence), now, now, None).await? {
+        if requeue(tx, &id, Fence(fence), now, now, None, Attempt::GivenBack).await? {
             n += 1;
         }
     }

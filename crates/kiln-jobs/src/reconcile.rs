@@ -3,10 +3,10 @@
 //! charge on top of the ledger's own invariants.
 
 use kiln_core::AccountId;
-use kiln_ledger::{Breach, Ctx, ReservationId, Tx, on_tx};
+use kiln_ledger::{Breach, Ctx, Db, ReservationId, Tx, on_tx};
 use serde::Serialize;
 
-use crate::lifecycle::{fail, requeue};
+use crate::lifecycle::{Attempt, fail, requeue};
 use crate::{Result, apalis};
 
 /// What one reconciler pass did.
@@ -23,27 +23,62 @@ pub struct Reconciled {
 /// Repairs what a crash can leave: a reservation still held for an ended job, and an open job
 /// whose apalis task is gone or finished (pruned, killed, or marked done by a stale attempt)
 /// and that nobody has touched for `stale_ms`.
-pub async fn reconcile(tx: &mut Tx, ctx: &Ctx<'_>, stale_ms: i64) -> Result<Reconciled> {
+///
+/// Each repair is its own transaction, locking in the order every job path locks — the job, then
+/// its reservation, then the account — and re-checking under those locks what it read before.
+/// One transaction for all of them held the first job's account while it waited for the next
+/// job, which a worker finishing that job (job, then reservation, then account) could hold:
+/// PostgreSQL found the cycle and aborted one of them.
+pub async fn reconcile(db: &Db, ctx: &Ctx<'_>, stale_ms: i64) -> Result<Reconciled> {
     let mut out = Reconciled::default();
-    let held: Vec<(i64, String)> = on_tx!(tx, c => sqlx::query_as(
-        "SELECT r.id, j.status FROM kit_jobs j JOIN reservations r ON r.id = j.reservation_id \
+    let mut read = db.begin_read().await?;
+    let held: Vec<i64> = on_tx!(&mut read, c => sqlx::query_scalar(
+        "SELECT r.id FROM kit_jobs j JOIN reservations r ON r.id = j.reservation_id \
          WHERE r.state = 'held' AND j.status IN ('succeeded', 'failed', 'cancelled')",
     )
     .fetch_all(&mut **c)
     .await?);
-    for (r, status) in held {
-        if status == "succeeded" {
-            kiln_ledger::commit(tx, ctx, ReservationId(r)).await?;
-        } else {
-            kiln_ledger::release(tx, ctx, ReservationId(r)).await?;
+    let orphans = apalis::orphans(&mut read, ctx.now.millis() - stale_ms).await?;
+    drop(read);
+    for r in held {
+        let mut tx = db.begin().await?;
+        // The job first (locked on PostgreSQL; SQLite's writer lock covers it), then what
+        // commit or release locks: the reservation, then the account.
+        let sql = match &tx {
+            Tx::Postgres(_) => {
+                "SELECT j.status FROM kit_jobs j JOIN reservations r ON r.id = j.reservation_id \
+                 WHERE r.id = $1 AND r.state = 'held' \
+                 AND j.status IN ('succeeded', 'failed', 'cancelled') FOR UPDATE OF j"
+            }
+            Tx::Sqlite(_) => {
+                "SELECT j.status FROM kit_jobs j JOIN reservations r ON r.id = j.reservation_id \
+                 WHERE r.id = $1 AND r.state = 'held' \
+                 AND j.status IN ('succeeded', 'failed', 'cancelled')"
+            }
+        };
+        let status: Option<String> = on_tx!(&mut tx, c => sqlx::query_scalar(sql)
+            .bind(r)
+            .fetch_optional(&mut **c)
+            .await?);
+        match status.as_deref() {
+            Some("succeeded") => {
+                kiln_ledger::commit(&mut tx, ctx, ReservationId(r)).await?;
+            }
+            Some(_) => {
+                kiln_ledger::release(&mut tx, ctx, ReservationId(r)).await?;
+            }
+            None => continue,
         }
+        tx.commit().await?;
         out.charges_resolved += 1;
     }
-    let orphans = apalis::orphans(tx, ctx.now.millis() - stale_ms).await?;
     for (id, fence, attempts, max) in orphans {
+        // `fail` and `requeue` are guarded by the fence the orphan was read with: a worker
+        // that touched the job since has moved it on, and the repair does nothing.
+        let mut tx = db.begin().await?;
         if attempts >= max {
             if fail(
-                tx,
+                &mut tx,
                 ctx,
                 &id,
                 fence,
@@ -54,11 +89,10 @@ pub async fn reconcile(tx: &mut Tx, ctx: &Ctx<'_>, stale_ms: i64) -> Result<Reco
             {
                 out.failed += 1;
             }
-            continue;
-        }
-        if requeue(tx, &id, fence, ctx.now, ctx.now, None).await? {
+        } else if requeue(&mut tx, &id, fence, ctx.now, ctx.now, None, Attempt::Counts).await? {
             out.requeued += 1;
         }
+        tx.commit().await?;
     }
     Ok(out)
 }

@@ -21,6 +21,8 @@ backends!(
     failure_releases_and_retries_use_new_tasks,
     cancel_only_queued_jobs_of_their_owner,
     reconciler_requeues_orphans_and_resolves_charges,
+    a_hand_back_gives_the_attempt_back,
+    caller_keys_stay_out_of_the_kit_and_hold_key_space,
 );
 
 async fn account(ledger: &kiln_ledger::Ledger) -> AccountId {
@@ -626,17 +628,17 @@ async fn reconciler_requeues_orphans_and_resolves_charges(backend: Backend) {
     let stale = fence_of(&claim(&h, &job.id, &job.task_id, "dead-worker").await);
     // Its task vanishes (pruned, or marked done by a stale attempt) while the job is open.
     delete_task(h.ledger.db(), &job.task_id).await;
-    let fresh = in_tx!(h, |tx, ctx| jobs::reconcile(&mut tx, &ctx, 60_000)
+    let fresh = jobs::reconcile(h.ledger.db(), &h.ledger.ctx(), 60_000)
         .await
-        .expect("reconcile"));
+        .expect("reconcile");
     assert_eq!(
         fresh.requeued, 0,
         "a job touched within the window is left alone"
     );
     h.clock.advance_millis(2 * 60_000);
-    let r = in_tx!(h, |tx, ctx| jobs::reconcile(&mut tx, &ctx, 60_000)
+    let r = jobs::reconcile(h.ledger.db(), &h.ledger.ctx(), 60_000)
         .await
-        .expect("reconcile"));
+        .expect("reconcile");
     assert_eq!(r.requeued, 1);
     let requeued = get(&h, &job.id).await;
     assert_eq!(requeued.status, JobStatus::Queued);
@@ -660,9 +662,9 @@ async fn reconciler_requeues_orphans_and_resolves_charges(backend: Backend) {
     }
     delete_task(h.ledger.db(), &requeued.task_id).await;
     h.clock.advance_millis(DAY);
-    let r = in_tx!(h, |tx, ctx| jobs::reconcile(&mut tx, &ctx, 60_000)
+    let r = jobs::reconcile(h.ledger.db(), &h.ledger.ctx(), 60_000)
         .await
-        .expect("reconcile"));
+        .expect("reconcile");
     assert_eq!((r.requeued, r.failed), (0, 1));
     let j = get(&h, &job.id).await;
     assert_eq!(
@@ -689,10 +691,171 @@ async fn reconciler_requeues_orphans_and_resolves_charges(backend: Backend) {
     let bad = jobs::check_charges(&mut tx).await.expect("check");
     drop(tx);
     assert_eq!(bad.len(), 1, "{bad:?}");
-    let r = in_tx!(h, |tx, ctx| jobs::reconcile(&mut tx, &ctx, 60_000)
+    let r = jobs::reconcile(h.ledger.db(), &h.ledger.ctx(), 60_000)
         .await
-        .expect("reconcile"));
+        .expect("reconcile");
     assert_eq!(r.charges_resolved, 1);
     assert_eq!(get(&h, &job2.id).await.charge(), Charge::Committed);
+    assert_agree(&h).await;
+}
+
+/// A deploy hands back the kits still running when its grace period ends. That is not the
+/// kit's failure: the attempt is given back, so a kit on its last attempt runs again after
+/// the restart instead of failing as `attempts_exhausted` (issue 12, defect 4).
+async fn a_hand_back_gives_the_attempt_back(backend: Backend) {
+    let h = common::harness(backend).await;
+    let acct = account(&h.ledger).await;
+    let job = enqueue(&h, acct, Kit::Essentials, "deploy", "u").await.job;
+    let mut task = job.task_id.clone();
+    // Four deploys in a row, each during the kit's run: more hand-backs than it has attempts.
+    for deploy in 1..=4 {
+        fence_of(&claim(&h, &job.id, &task, &format!("old-{deploy}/essentials-0")).await);
+        assert_eq!(get(&h, &job.id).await.attempts, 1, "deploy {deploy}");
+        let n = in_tx!(h, |tx, ctx| jobs::hand_back(
+            &mut tx,
+            ctx.now,
+            &format!("old-{deploy}/")
+        )
+        .await
+        .expect("hand back"));
+        assert_eq!(n, 1);
+        let queued = get(&h, &job.id).await;
+        assert_eq!(queued.status, JobStatus::Queued);
+        assert_eq!(queued.attempts, 0, "the handed-back attempt does not count");
+        task = queued.task_id;
+    }
+    // The kit still has all its attempts: it runs, and succeeds.
+    let fence = fence_of(&claim(&h, &job.id, &task, "new/essentials-0").await);
+    let done = in_tx!(h, |tx, ctx| jobs::succeed(
+        &mut tx,
+        &ctx,
+        &job.id,
+        fence,
+        "kits/deploy/manifest.json"
+    )
+    .await
+    .expect("succeed"));
+    assert!(done);
+    let j = get(&h, &job.id).await;
+    assert_eq!(
+        (j.status, j.charge()),
+        (JobStatus::Succeeded, Charge::Committed)
+    );
+    assert_agree(&h).await;
+}
+
+/// A caller's own charge or reserve key cannot take a kit order's or a hold's key: `kit:promo`
+/// used to be accepted, made the audit report "kit reservation has no job", and made a later
+/// kit order with key `promo` fail as a conflict (issue 12, defect 3).
+async fn caller_keys_stay_out_of_the_kit_and_hold_key_space(backend: Backend) {
+    let h = common::harness(backend).await;
+    let acct = account(&h.ledger).await;
+    let before = available(&h, acct).await;
+    for key in ["kit:promo", "hold:promo"] {
+        for result in [
+            h.ledger.charge(acct, kiln_core::Action::Video, key).await,
+            h.ledger.reserve(acct, kiln_core::Action::Video, key).await,
+        ] {
+            match result {
+                Err(e @ LedgerError::ReservedKey(_)) => {
+                    assert!(e.to_string().contains(key), "{e}");
+                }
+                other => panic!("{key}: expected a refused key, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(available(&h, acct).await, before, "nothing was charged");
+    assert_agree(&h).await;
+    // The kit order with key `promo` is a new order, not a conflict.
+    let order = enqueue(&h, acct, Kit::Essentials, "promo", "u").await;
+    assert!(!order.replayed);
+    // A caller's key that only contains the prefix further in is theirs to use.
+    h.ledger
+        .charge(acct, kiln_core::Action::Video, "promo-kit:1")
+        .await
+        .expect("an ordinary key");
+    assert_agree(&h).await;
+}
+
+/// The reconciler and a worker finishing another job of the same account, at once on
+/// PostgreSQL (issue 12, defect 1). The reconciler used to repair everything in one
+/// transaction: it resolved job A's held charge (locking A's reservation and the account) and
+/// then waited for job B, which the worker had locked and whose commit then waited for the
+/// account — a deadlock, and PostgreSQL aborted one side. Each repair now has its own
+/// transaction in the job → reservation → account order, so both finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_and_a_finishing_worker_do_not_deadlock() {
+    let h = common::harness(Backend::Postgres).await;
+    let Db::Postgres(pool) = h.ledger.db().clone() else {
+        unreachable!("a PostgreSQL harness")
+    };
+    let acct = account(&h.ledger).await;
+    // Job A ended with its charge still held (the reconciler will commit it) ...
+    let a = enqueue(&h, acct, Kit::Essentials, "a", "u").await.job;
+    sqlx::query("UPDATE kit_jobs SET status = 'succeeded' WHERE id = $1")
+        .bind(a.id.as_str())
+        .execute(&pool)
+        .await
+        .expect("end job A");
+    // ... and job B is running, its task gone and untouched for longer than the window (the
+    // reconciler will requeue it) while its slow worker is about to finish it.
+    let b = enqueue(&h, acct, Kit::Essentials, "b", "u").await.job;
+    let fence = fence_of(&claim(&h, &b.id, &b.task_id, "slow-worker").await);
+    delete_task(h.ledger.db(), &b.task_id).await;
+    h.clock.advance_millis(2 * 60_000);
+
+    // The worker's transaction takes job B first, as `succeed` does.
+    let mut worker = h.ledger.db().begin().await.expect("begin");
+    let Tx::Postgres(c) = &mut worker else {
+        unreachable!()
+    };
+    sqlx::query("SELECT id FROM kit_jobs WHERE id = $1 FOR UPDATE")
+        .bind(b.id.as_str())
+        .execute(&mut **c)
+        .await
+        .expect("lock job B");
+    let reconciler = {
+        let ledger = h.ledger.clone();
+        tokio::spawn(async move { jobs::reconcile(ledger.db(), &ledger.ctx(), 60_000).await })
+    };
+    // Wait until the reconciler is blocked on job B's lock.
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let n: i64 = sqlx::query_scalar(waiting)
+            .fetch_one(&pool)
+            .await
+            .expect("pg_stat_activity");
+        if n > 0 {
+            break;
+        }
+        assert!(
+            !reconciler.is_finished(),
+            "the reconciler did not wait for job B"
+        );
+        assert!(std::time::Instant::now() < deadline, "no lock wait seen");
+        tokio::task::yield_now().await;
+    }
+    // The worker finishes job B: its reservation, then the account.
+    let ctx = h.ledger.ctx();
+    let won = jobs::succeed(&mut worker, &ctx, &b.id, fence, "kits/b/manifest.json").await;
+    let won = won.expect("the worker's commit of job B");
+    worker
+        .commit()
+        .await
+        .expect("the worker's transaction commits");
+    assert!(won);
+    let r = reconciler
+        .await
+        .expect("reconciler task")
+        .expect("the reconciler's pass");
+    assert_eq!((r.charges_resolved, r.requeued), (1, 0), "{r:?}");
+    assert_eq!(get(&h, &a.id).await.charge(), Charge::Committed);
+    let jb = get(&h, &b.id).await;
+    assert_eq!(
+        (jb.status, jb.charge()),
+        (JobStatus::Succeeded, Charge::Committed)
+    );
     assert_agree(&h).await;
 }

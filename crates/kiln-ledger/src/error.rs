@@ -45,6 +45,10 @@ pub enum LedgerError {
     AllowanceNotAllowed(PlanId),
     #[error("{what} must be 1-200 printable characters")]
     BadKey { what: &'static str },
+    #[error(
+        "idempotency key {0:?} begins with kit: or hold:, which kiln keeps for the keys of kit orders and holds"
+    )]
+    ReservedKey(String),
     #[error(transparent)]
     InvalidAmount(#[from] CreditsError),
     #[error("database URL must start with postgres://, postgresql:// or sqlite: (got {0:?})")]

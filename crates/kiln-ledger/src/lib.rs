@@ -23,10 +23,11 @@ pub use error::LedgerError;
 pub use kiln_core::CreditsError;
 pub use kiln_core::{AccountId, Action, CreditKind, Credits, PlanId, Pricing, Timestamp};
 pub use ops::{
-    Ctx, DEFAULT_HOLD_MS, HOLD_MS_RANGE, Totals, account, account_by_api_key, admin_grant, balance,
-    charge, check_key, commit, create_account, create_hold, due_accounts, due_holds, expire_hold,
-    grants, hold, journal, open_holds, optimistic, quote, release, renew, reservation, reserve,
-    reserve_locked, resolve_hold, set_plan, topup, totals,
+    Ctx, DEFAULT_HOLD_MS, HOLD_MS_RANGE, RESERVED_KEY_PREFIXES, Totals, account,
+    account_by_api_key, admin_grant, balance, charge, check_caller_key, check_key, commit,
+    create_account, create_hold, due_accounts, due_holds, expire_hold, grants, hold, journal,
+    open_holds, optimistic, quote, release, renew, reservation, reserve, reserve_locked,
+    resolve_hold, set_plan, topup, totals,
 };
 pub use readers::{Held, ReadDb, Taken};
 pub use types::{

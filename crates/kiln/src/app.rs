@@ -211,9 +211,9 @@ impl App {
         let renewed = ledger.renew_due(500).await?;
         let holds_expired = ledger.expire_holds(500).await?;
         let stale_ms = i64::try_from(self.settings.jobs.lease_ms).unwrap_or(i64::MAX);
-        let mut tx = ledger.db().begin().await?;
         let ctx = ledger.ctx();
-        let r = kiln_jobs::reconcile(&mut tx, &ctx, stale_ms).await?;
+        let r = kiln_jobs::reconcile(ledger.db(), &ctx, stale_ms).await?;
+        let mut tx = ledger.db().begin().await?;
         let pruned = kiln_jobs::prune_tasks(&mut tx, ctx.now, PRUNE_AFTER_MS).await?;
         tx.commit().await?;
         tracing::info!(?renewed, holds_expired, ?r, pruned, "maintenance");

@@ -1,8 +1,18 @@
 //! Every ledger operation as a function of an open transaction. Each one that changes credits
-//! first locks the account row (PostgreSQL `FOR UPDATE`; SQLite's transactions already hold
-//! the write lock), so all changes to one account are serialised and the lock order is always
-//! account, then reservation, then grants. The decisions are made by pure functions (`plan`);
-//! these modules load, call them and save:
+//! locks the account row (PostgreSQL `FOR UPDATE`; SQLite's transactions already hold the write
+//! lock), so all changes to one account are serialised. Lock order, on PostgreSQL:
+//! - reserve, charge, top-ups, renewals: the account, then its grants (the new reservation row
+//!   is inserted, so nobody else can be waiting for it);
+//! - commit and release of an existing reservation: the reservation, then the account, then (a
+//!   release) its grants — and what resolves it locks its owner first: a kit job's row, or a
+//!   hold's row.
+//!
+//! So the order is always owner (job or hold) → reservation → account → grants, and no path
+//! locks an existing reservation, job or hold while it holds an account. A transaction that
+//! resolves several reservations of one account must not hold the first one's account while it
+//! locks the next job: kiln-jobs' reconciler gives each repair its own transaction for that
+//! reason (one transaction for all of them deadlocked against a worker). The decisions are made
+//! by pure functions (`plan`); these modules load, call them and save:
 //!
 //! - `accounts`: open, read, quote, balance
 //! - `reserve`: holds drawn in burn-down order (the locking path), idempotent by key
@@ -33,7 +43,9 @@ pub use holds::{
     resolve_hold,
 };
 pub use journal::{Totals, journal};
-pub use reserve::{charge, reservation, reserve, reserve_locked};
+pub use reserve::{
+    RESERVED_KEY_PREFIXES, charge, check_caller_key, reservation, reserve, reserve_locked,
+};
 pub(crate) use resolve::commit_pg;
 pub use resolve::{commit, release};
 

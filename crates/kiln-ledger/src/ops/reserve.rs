@@ -33,7 +33,23 @@ pub(crate) async fn reservation_row(tx: &mut Tx, id: ReservationId) -> Result<Re
         .into_reservation()
 }
 
-/// Holds the credits for `action`, drawn from grants in burn-down order.
+/// The prefixes of the reservation keys kiln makes itself: a kit order's (`kit:` + the order's
+/// key, kiln-jobs) and a hold's (`hold:` + the hold's key). A caller's own reserve or charge key
+/// may not begin with one, so it can never take — or be mistaken for — a kit's or a hold's.
+pub const RESERVED_KEY_PREFIXES: [&str; 2] = ["kit:", "hold:"];
+
+/// A caller's idempotency key for a reserve or charge: [`check_key`], and not in the key space
+/// of kits or holds ([`RESERVED_KEY_PREFIXES`]).
+pub fn check_caller_key(key: &str) -> Result<()> {
+    check_key(key, "idempotency key")?;
+    if RESERVED_KEY_PREFIXES.iter().any(|p| key.starts_with(p)) {
+        return Err(LedgerError::ReservedKey(key.to_owned()));
+    }
+    Ok(())
+}
+
+/// Holds the credits for `action`, drawn from grants in burn-down order. `key` is the caller's
+/// ([`check_caller_key`]).
 pub async fn reserve(
     tx: &mut Tx,
     ctx: &Ctx<'_>,
@@ -41,6 +57,7 @@ pub async fn reserve(
     action: Action,
     key: &str,
 ) -> Result<Reservation> {
+    check_caller_key(key)?;
     hold(tx, ctx, id, action, key, Operation::Reserve).await
 }
 
@@ -57,7 +74,7 @@ pub async fn reserve_locked(
     hold_locked(tx, ctx, id, action, key, Operation::Reserve).await
 }
 
-/// Reserves and commits in one step.
+/// Reserves and commits in one step. `key` is the caller's ([`check_caller_key`]).
 pub async fn charge(
     tx: &mut Tx,
     ctx: &Ctx<'_>,
@@ -65,6 +82,7 @@ pub async fn charge(
     action: Action,
     key: &str,
 ) -> Result<Reservation> {
+    check_caller_key(key)?;
     hold(tx, ctx, id, action, key, Operation::Charge).await
 }
 
