@@ -290,10 +290,21 @@ pub struct Manifest {
 impl Manifest {
     /// Lists `assets` under `kits/<job>/`.
     pub fn new(job: &str, kit: Kit, generator: String, assets: &[Asset]) -> Manifest {
+        Manifest::in_dir(
+            &format!("kits/{}", job.to_lowercase()),
+            job,
+            kit,
+            generator,
+            assets,
+        )
+    }
+
+    /// Lists `assets` under `dir` (a worker's attempt writes under its own directory).
+    pub fn in_dir(dir: &str, job: &str, kit: Kit, generator: String, assets: &[Asset]) -> Manifest {
         let entries = assets
             .iter()
             .map(|a| ManifestEntry {
-                key: format!("kits/{}/{}", job.to_lowercase(), a.path),
+                key: format!("{dir}/{}", a.path),
                 role: a.role,
                 content_type: a.content_type.to_owned(),
                 bytes: a.bytes.len() as u64,

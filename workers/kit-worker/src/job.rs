@@ -139,14 +139,16 @@ pub async fn run(
     };
     tracing::info!(job = %job.id, kit = %job.kit, attempt = job.attempts, fence = fence.0, "kit job started");
     let superseded = Arc::new(AtomicBool::new(false));
-    let lease = tokio::spawn(renew_lease(
+    // Stops with this attempt however it ends: returned, panicked or dropped (a renewer that
+    // outlived its attempt would hold the job's lease, and its credits, forever).
+    let lease = AbortOnDrop(tokio::spawn(renew_lease(
         deps.clone(),
         job.id.clone(),
         fence,
         superseded.clone(),
-    ));
+    )));
     let worked = work(deps, &job, fence, &superseded).await;
-    lease.abort();
+    drop(lease);
     match worked {
         Ok(Published {
             manifest_key,
@@ -206,6 +208,33 @@ pub async fn run(
                 Outcome::Skipped
             })
         }
+    }
+}
+
+/// The directory an attempt writes its kit under: `kits/<job>/fence-<n>`, its fencing token's.
+/// Two attempts never write the same key, so an attempt that lost the job (its lease ran out
+/// while it was still writing) cannot overwrite a file the winner's manifest names — with the
+/// AI generator, whose bytes differ from run to run, that made the manifest's sha256 stop
+/// matching the stored file. The job records the winner's manifest key when it succeeds.
+pub fn kit_dir(job: &JobId, fence: Fence) -> String {
+    format!("kits/{}/fence-{}", job.as_str().to_lowercase(), fence.0)
+}
+
+/// The key of `path` in the kit an attempt writes ([`kit_dir`]).
+pub fn kit_key(job: &JobId, fence: Fence, path: &str) -> Result<ObjectKey, kiln_storage::KeyError> {
+    ObjectKey::kit(
+        &job.as_str().to_lowercase(),
+        &format!("fence-{}/{path}", fence.0),
+    )
+}
+
+/// A spawned task that is aborted when this is dropped.
+#[derive(Debug)]
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -323,7 +352,13 @@ async fn work(
     }
 
     let building = std::time::Instant::now();
-    let manifest = Manifest::new(job.id.as_str(), job.kit, deps.generator.name(), &assets);
+    let manifest = Manifest::in_dir(
+        &kit_dir(&job.id, fence),
+        job.id.as_str(),
+        job.kit,
+        deps.generator.name(),
+        &assets,
+    );
     let files = assets
         .iter()
         .map(|a| (a.path.as_str(), a.bytes.clone(), a.content_type))
@@ -332,11 +367,10 @@ async fn work(
     let mut manifest_key = String::new();
     let mut publish = building.elapsed();
     for (path, bytes, content_type) in files {
-        let key =
-            ObjectKey::kit(&job.id.as_str().to_lowercase(), path).map_err(StorageError::from)?;
+        let key = kit_key(&job.id, fence, path).map_err(StorageError::from)?;
         // Before the first asset and before the manifest: is the job still ours? (Between
-        // checks a superseded attempt can only rewrite identical bytes, generation being
-        // deterministic, and the lease loop flags it as soon as a renewal is refused.)
+        // checks a superseded attempt may still write, but only under its own fence's
+        // directory: never a file of the attempt that won, whose manifest the job names.)
         let check =
             manifest_key.is_empty() || path == "manifest.json" || superseded.load(Ordering::SeqCst);
         if check {
@@ -364,4 +398,41 @@ async fn work(
         generate,
         publish,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The renewer of an attempt whose future is dropped (or unwinds from a panic) stops with
+    /// it: before, it was aborted only after the attempt returned, and a dropped attempt left it
+    /// renewing the lease forever.
+    #[tokio::test]
+    async fn a_task_behind_abort_on_drop_stops_when_its_owner_is_dropped() {
+        let beats = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = beats.clone();
+        let owner = async move {
+            let renewer = AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                }
+            }));
+            let handle = renewer.0.abort_handle();
+            (renewer, handle)
+        };
+        let (renewer, handle) = owner.await;
+        while beats.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!handle.is_finished());
+        drop(renewer);
+        for _ in 0..1000 {
+            if handle.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(handle.is_finished(), "the renewer outlived its owner");
+    }
 }

@@ -22,6 +22,7 @@ backends!(
     duplicate_deliveries_commit_once,
     shutdown_lets_a_running_kit_finish,
     a_bad_idempotency_key_is_refused_before_anything_is_stored,
+    a_stale_attempt_cannot_change_the_kit_that_won,
 );
 
 struct Rig {
@@ -276,4 +277,61 @@ async fn a_bad_idempotency_key_is_refused_before_anything_is_stored(backend: Bac
     assert_eq!(b.held.get(), 0);
     // 196 characters is accepted.
     order(&rig, Kit::Essentials, design(), &"k".repeat(196)).await;
+}
+
+/// An attempt that lost the job while it was still writing (its lease ran out, a newer attempt
+/// took over and won) writes what it has left after its last ownership check. Those writes
+/// never touch a file the winner's manifest names: every attempt writes under its own fence
+/// (issue 12, defect 6; with the AI generator a stale attempt's bytes differ, and the
+/// manifest's sha256 stopped matching the stored file).
+async fn a_stale_attempt_cannot_change_the_kit_that_won(backend: Backend) {
+    let rig = rig(backend).await;
+    let (stop, worker) = start_worker(&rig, 1);
+    let e = order(&rig, Kit::Essentials, design(), "stale").await;
+    let won = wait_until(&rig, &e.id, |j| j.status.is_terminal()).await;
+    let _ = stop.send(());
+    worker.await.expect("join").expect("worker stops cleanly");
+    assert_eq!(won.status, JobStatus::Succeeded, "{won:?}");
+    assert_complete(&rig, &won).await;
+    // The attempt before the winner (an older fence), past its checks, writes its own bytes
+    // for every file of the kit, manifest last.
+    let stale = kiln_jobs::Fence(won.fence.0 - 1);
+    let key = ObjectKey::parse(won.manifest_key.as_deref().expect("manifest key")).expect("key");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&rig.deps.storage.get(&key).await.expect("manifest")).expect("json");
+    let prefix = format!("kits/{}/", won.id.as_str().to_lowercase());
+    let mut paths: Vec<String> = manifest["assets"]
+        .as_array()
+        .expect("assets")
+        .iter()
+        .map(|a| {
+            let k = a["key"]
+                .as_str()
+                .expect("key")
+                .strip_prefix(&prefix)
+                .expect("in the kit");
+            // Past the attempt's own directory, if any.
+            k.split_once('/')
+                .filter(|(dir, _)| dir.starts_with("fence-"))
+                .map_or(k, |(_, rest)| rest)
+                .to_owned()
+        })
+        .collect();
+    paths.push("manifest.json".into());
+    for path in &paths {
+        let k = kit_worker::job::kit_key(&won.id, stale, path).expect("key");
+        rig.deps
+            .storage
+            .put(
+                &k,
+                bytes::Bytes::from_static(b"another attempt's bytes"),
+                "application/octet-stream",
+            )
+            .await
+            .expect("stale write");
+    }
+    // The job still names the winner's manifest, and every file it lists is the winner's.
+    let after = job(&rig, &e.id).await;
+    assert_eq!(after.manifest_key, won.manifest_key);
+    assert_complete(&rig, &after).await;
 }

@@ -112,7 +112,15 @@ pub async fn create_hold(
     if let Some(h) = hold_by_key(tx, account, key).await? {
         return replay(h, key, action).map(|h| (h, false));
     }
-    let r = reserve(tx, ctx, account, action, &reservation_key(key)).await?;
+    let r = super::reserve::hold(
+        tx,
+        ctx,
+        account,
+        action,
+        &reservation_key(key),
+        Operation::Reserve,
+    )
+    .await?;
     let id = HoldId::generate();
     // A concurrent request under the same key got the same reservation (the reserve replays
     // it once the other transaction commits): then its hold row is the one to return.
