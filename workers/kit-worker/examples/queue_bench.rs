@@ -86,6 +86,7 @@ fn deps(ledger: &Ledger, dir: &std::path::Path) -> Result<Deps, Error> {
         generator: Generator::Studio,
         retry_base: Duration::from_secs(5),
         lease: Duration::from_secs(20),
+        deadlines: kit_worker::Deadlines::default(),
     })
 }
 
