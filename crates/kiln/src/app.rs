@@ -190,7 +190,6 @@ impl App {
             generator: self.generator.clone(),
             retry_base: Duration::from_millis(self.settings.jobs.retry_base_ms),
             lease: self.settings.jobs.lease(),
-            deadlines: self.settings.jobs.deadlines(),
         }
     }
 

@@ -139,11 +139,6 @@ pub struct JobSettings {
     pub missed_heartbeats: usize,
     /// `KILN_MAINTENANCE_MS`: renewals, the reconciler and pruning run this often.
     pub maintenance_ms: u64,
-    /// `KILN_ESSENTIALS_DEADLINE_SECS`: an Essentials attempt still running after this is
-    /// abandoned and retried (its credits stay held for the retry, released if none is left).
-    pub essentials_deadline_secs: u64,
-    /// `KILN_CARATZON_DEADLINE_SECS`: the same for a Caratzon attempt.
-    pub caratzon_deadline_secs: u64,
 }
 
 impl Default for JobSettings {
@@ -155,8 +150,6 @@ impl Default for JobSettings {
             heartbeat_ms: 5_000,
             missed_heartbeats: 3,
             maintenance_ms: 10_000,
-            essentials_deadline_secs: 300,
-            caratzon_deadline_secs: 900,
         }
     }
 }
@@ -183,14 +176,6 @@ impl Default for ApiSettings {
 impl JobSettings {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
-    }
-
-    /// How long one attempt of each kit may run.
-    pub fn deadlines(&self) -> kit_worker::Deadlines {
-        kit_worker::Deadlines {
-            essentials: Duration::from_secs(self.essentials_deadline_secs),
-            caratzon: Duration::from_secs(self.caratzon_deadline_secs),
-        }
     }
 }
 
@@ -356,16 +341,6 @@ impl Settings {
         number(env, "KILN_HEARTBEAT_MS", &mut j.heartbeat_ms)?;
         number(env, "KILN_MISSED_HEARTBEATS", &mut j.missed_heartbeats)?;
         number(env, "KILN_MAINTENANCE_MS", &mut j.maintenance_ms)?;
-        number(
-            env,
-            "KILN_ESSENTIALS_DEADLINE_SECS",
-            &mut j.essentials_deadline_secs,
-        )?;
-        number(
-            env,
-            "KILN_CARATZON_DEADLINE_SECS",
-            &mut j.caratzon_deadline_secs,
-        )?;
         Ok(())
     }
 
@@ -433,11 +408,6 @@ impl Settings {
         }
         if j.lease_ms < 100 {
             bail!("jobs.lease_ms / KILN_LEASE_MS must be at least 100");
-        }
-        if j.essentials_deadline_secs == 0 || j.caratzon_deadline_secs == 0 {
-            bail!(
-                "jobs.essentials_deadline_secs and caratzon_deadline_secs (KILN_ESSENTIALS_DEADLINE_SECS, KILN_CARATZON_DEADLINE_SECS) must be positive"
-            );
         }
         if j.heartbeat_ms == 0 || j.maintenance_ms == 0 || j.missed_heartbeats == 0 {
             bail!(

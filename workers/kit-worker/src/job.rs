@@ -27,35 +27,6 @@ pub struct Deps {
     /// finds the lease live leaves the job alone, and the reconciler repairs jobs whose lease
     /// ran out (their worker died).
     pub lease: Duration,
-    /// How long one attempt may run, per kit: past it the attempt is abandoned and retried
-    /// (a kit stuck in a storage or provider call would otherwise keep its lease alive, and
-    /// its credits held, for ever).
-    pub deadlines: Deadlines,
-}
-
-/// How long one attempt of each kit may run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Deadlines {
-    pub essentials: Duration,
-    pub caratzon: Duration,
-}
-
-impl Default for Deadlines {
-    fn default() -> Self {
-        Deadlines {
-            essentials: Duration::from_secs(300),
-            caratzon: Duration::from_secs(900),
-        }
-    }
-}
-
-impl Deadlines {
-    pub fn for_kit(&self, kit: kiln_core::Kit) -> Duration {
-        match kit {
-            kiln_core::Kit::Essentials => self.essentials,
-            kiln_core::Kit::Caratzon => self.caratzon,
-        }
-    }
 }
 
 impl Deps {
@@ -176,18 +147,7 @@ pub async fn run(
         fence,
         superseded.clone(),
     )));
-    let deadline = deps.deadlines.for_kit(job.kit);
-    let worked = tokio::time::timeout(deadline, work(deps, &job, fence, &superseded))
-        .await
-        .unwrap_or_else(|_| {
-            Err(RunError::Retry {
-                code: "deadline_exceeded",
-                message: format!(
-                    "the attempt was still running after its deadline ({} s); abandoned",
-                    deadline.as_secs_f64()
-                ),
-            })
-        });
+    let worked = work(deps, &job, fence, &superseded).await;
     drop(lease);
     match worked {
         Ok(Published {

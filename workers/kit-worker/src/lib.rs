@@ -15,7 +15,7 @@ use kiln_core::Kit;
 use kiln_jobs::{KitTask, WorkerName};
 use kiln_ledger::Db;
 
-pub use job::{Deadlines, Deps, Outcome, backoff};
+pub use job::{Deps, Outcome, backoff};
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
