@@ -14,7 +14,7 @@ use image::{GrayImage, RgbImage, RgbaImage};
 use sha2::Digest;
 use tract_onnx::prelude::*;
 
-use crate::{AssetError, Decoded};
+use crate::AssetError;
 
 /// The model the kits of this process use, installed at start-up (`install`).
 static ACTIVE: std::sync::OnceLock<Salient> = std::sync::OnceLock::new();
@@ -131,16 +131,8 @@ impl Salient {
         Ok(s)
     }
 
-    /// The saliency of `img` at 320x320, 0 (backdrop) to 255 (object), min-max normalised as
-    /// rembg does.
-    pub fn predict(&self, img: &Decoded) -> Result<GrayImage, AssetError> {
-        match img {
-            Decoded::Rgb(i) => self.predict_small(&resize_to_side(i)?),
-            Decoded::Rgba(i) => self.predict_rgba(i),
-        }
-    }
-
-    /// The saliency of an RGBA image, read on its colour channels alone (as rembg does).
+    /// The saliency of an RGBA image at 320x320, 0 (backdrop) to 255 (object), min-max
+    /// normalised and read on its colour channels alone, as rembg does.
     pub fn predict_rgba(&self, img: &RgbaImage) -> Result<GrayImage, AssetError> {
         let rgb = RgbImage::from_fn(img.width(), img.height(), |x, y| {
             let [r, g, b, _] = img.get_pixel(x, y).0;

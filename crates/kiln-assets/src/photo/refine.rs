@@ -124,18 +124,19 @@ pub(super) fn refine(img: &impl Pixels, small: &RgbaImage, low: &Masked, k: u32)
     #[allow(clippy::cast_precision_loss)]
     let kf = k as f32;
     let at = |x: usize, y: usize| f32::from(low.alpha[y * lw + x]) / 255.0;
-    for y in 0..fh {
+    // A full-resolution coordinate on a shrunk axis of `n` pixels: the two shrunk pixels it
+    // lies between and how far it is from the first (bilinear).
+    let between = |v: usize, n: usize| {
         #[allow(clippy::cast_precision_loss)]
-        let sy = ((y as f32 + 0.5) / kf - 0.5).clamp(0.0, (lh - 1) as f32);
+        let s = ((v as f32 + 0.5) / kf - 0.5).clamp(0.0, (n - 1) as f32);
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let (y0, ty) = (sy as usize, sy.fract());
-        let y1 = (y0 + 1).min(lh - 1);
+        let first = s as usize;
+        (first, (first + 1).min(n - 1), s.fract())
+    };
+    for y in 0..fh {
+        let (y0, y1, ty) = between(y, lh);
         for x in 0..fw {
-            #[allow(clippy::cast_precision_loss)]
-            let sx = ((x as f32 + 0.5) / kf - 0.5).clamp(0.0, (lw - 1) as f32);
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            let (x0, tx) = (sx as usize, sx.fract());
-            let x1 = (x0 + 1).min(lw - 1);
+            let (x0, x1, tx) = between(x, lw);
             let (a00, a10, a01, a11) = (at(x0, y0), at(x1, y0), at(x0, y1), at(x1, y1));
             let i = y * fw + x;
             #[allow(clippy::cast_possible_truncation)]
