@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export KILN_TEST_PG_URL ?= postgres://postgres:postgres@127.0.0.1:5432/postgres
 
-.PHONY: demo test services build lint bench fuzz clean-test-dbs
+.PHONY: demo test services build lint bench fuzz chaos soak clean-test-dbs
 
 ## Run the embedded default end to end (SQLite + a local directory, no servers).
 demo:
@@ -55,3 +55,14 @@ bench: services
 ## target, default 60. Not part of `make test`.
 fuzz:
 	scripts/fuzz.sh
+
+## Chaos: 3 workers, ~1,000 kits from 20 accounts, SIGKILLs, a PostgreSQL restart, an S3 outage
+## and injected generator failures; bounded and self-stopping, loopback only (tests/tests/chaos.rs).
+## CHAOS_SEED replays a run; CHAOS_KITS and CHAOS_FAULTS size it.
+chaos: services build
+	$(CARGO) nextest run -p kiln-e2e --test chaos --run-ignored only --no-capture --profile chaos
+
+## Soak: 20 minutes of steady Essentials orders (SOAK_RATE per second, 0.4) into two workers;
+## latency, worker memory and dead tuples sampled each minute must stay flat (tests/tests/soak.rs).
+soak: services build
+	$(CARGO) nextest run -p kiln-e2e --test soak --run-ignored only --no-capture --profile chaos

@@ -57,6 +57,11 @@ impl Default for Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test keeps its logs and files to be read.
+            eprintln!("kept the failed test's scratch dir: {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -404,4 +409,65 @@ pub async fn wait_for_in_flight(base: &str, n: u64) {
         assert!(Instant::now() < deadline, "{n} requests never in flight");
         tokio::task::yield_now().await;
     }
+}
+
+/// `GET /metrics` at `addr` (`127.0.0.1:port`), as a Prometheus server scrapes it: each sample
+/// line (`name{labels}`) and its value. Plain HTTP/1.0 over a socket, so sync tests can scrape.
+pub fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The environment variable `name` parsed, or `default` when unset or unparsable (the long
+/// runs' knobs: `CHAOS_*`, `SOAK_*`).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The nearest-rank percentile `p` (0 to 1) of `sorted`: the smallest value with at least `p` of
+/// the samples at or below it; NaN when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = sorted
+        .iter()
+        .enumerate()
+        .position(|(i, _)| (i + 1) as f64 >= p * sorted.len() as f64)
+        .unwrap_or(sorted.len() - 1);
+    sorted[rank]
+}
+
+/// The bundled sample ring as a JPEG design (`side` px, JPEG `quality`) and its spec, written
+/// into `dir` as a customer would have them: (design path, spec path).
+pub fn sample_order_files(dir: &Path, side: u32, quality: u8) -> (PathBuf, PathBuf) {
+    let design = dir.join("design.jpg");
+    let spec = dir.join("spec.json");
+    std::fs::write(
+        &design,
+        kiln_assets::encode_jpeg(&kiln_assets::sample::ring(side), quality).expect("jpeg"),
+    )
+    .expect("write design");
+    std::fs::write(&spec, kiln_assets::sample::SPEC_JSON).expect("write spec");
+    (design, spec)
 }

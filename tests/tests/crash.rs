@@ -48,14 +48,7 @@ fn workers_killed_mid_kit_still_finish_every_job_exactly_once() {
         .expect("topup"));
 
     // A design and spec on disk, as a customer would have them.
-    let design = dir.0.join("design.jpg");
-    let spec = dir.0.join("spec.json");
-    std::fs::write(
-        &design,
-        kiln_assets::encode_jpeg(&kiln_assets::sample::ring(1000), 90).expect("jpeg"),
-    )
-    .expect("write design");
-    std::fs::write(&spec, kiln_assets::sample::SPEC_JSON).expect("write spec");
+    let (design, spec) = kiln_e2e::sample_order_files(&dir.0, 1000, 90);
 
     let mut workers: Vec<Child> = (0..2)
         .map(|_| start_worker(&pg.url, &storage, &log))
@@ -176,7 +169,7 @@ fn workers_killed_mid_kit_still_finish_every_job_exactly_once() {
         }
     }
     let audit = kiln_cmd(&pg.url, &storage)
-        .arg("audit")
+        .args(["audit", "--storage"])
         .output()
         .expect("audit");
     assert!(ok(&audit).contains("clean"));

@@ -32,14 +32,7 @@ fn three_workers_run_300_jobs_once_each_and_essentials_flow_past_a_full_caratzon
         .expect("create account"));
     let account: serde_json::Value = serde_json::from_str(&created).expect("account JSON");
     let account = account["id"].as_str().expect("id").to_owned();
-    let design = dir.0.join("design.jpg");
-    let spec = dir.0.join("spec.json");
-    std::fs::write(
-        &design,
-        kiln_assets::encode_jpeg(&kiln_assets::sample::ring(800), 88).expect("jpeg"),
-    )
-    .expect("design");
-    std::fs::write(&spec, kiln_assets::sample::SPEC_JSON).expect("spec");
+    let (design, spec) = kiln_e2e::sample_order_files(&dir.0, 800, 88);
 
     // Caratzon first, so its queue is full before any Essentials kit is ordered.
     let mut jobs: Vec<(String, &str)> = Vec::new();

@@ -26,14 +26,7 @@ fn setup(db: &str, dir: &Path, env: &[(&str, &str)], storage: &Path) -> Order {
         .output()
         .expect("create account"));
     let account: serde_json::Value = serde_json::from_str(&created).expect("account JSON");
-    let design = dir.join("design.jpg");
-    let spec = dir.join("spec.json");
-    std::fs::write(
-        &design,
-        kiln_assets::encode_jpeg(&kiln_assets::sample::ring(1000), 90).expect("jpeg"),
-    )
-    .expect("write design");
-    std::fs::write(&spec, kiln_assets::sample::SPEC_JSON).expect("write spec");
+    let (design, spec) = kiln_e2e::sample_order_files(dir, 1000, 90);
     Order {
         account: account["id"].as_str().expect("id").to_owned(),
         design,
@@ -244,7 +237,10 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
     assert_eq!(commits, "1");
     let _ = worker.kill();
     let _ = worker.wait();
-    let audit = cmd("12").arg("audit").output().expect("audit");
+    let audit = cmd("12")
+        .args(["audit", "--storage"])
+        .output()
+        .expect("audit");
     assert!(ok(&audit).contains("clean"));
 }
 
@@ -341,4 +337,176 @@ fn a_kit_still_running_when_the_grace_period_ends_is_handed_back() {
     assert_eq!(kiln_e2e::commits_per_job(&pg.url).get(&id), Some(&1));
     let _ = patient.kill();
     let _ = patient.wait();
+}
+
+/// `/metrics` of the workers and of the API, scraped during a run, against what happened: two
+/// kits whose every attempt fails (an injected generator fault, two attempts each) and three
+/// that succeed. Each worker counts its own attempts by kit and outcome and its retries by
+/// cause; the API reads the credits moved from the journal, the same for every process.
+#[test]
+fn metrics_scraped_during_a_run_match_what_happened() {
+    let pg = PgDb::new();
+    let dir = Scratch::new();
+    let storage = dir.0.join("objects");
+    let o = setup(&pg.url, &dir.0, &[], &storage);
+    let worker = |faults: &str, port: u16| {
+        let log = std::fs::File::create(dir.0.join(format!("worker-{port}.log"))).expect("log");
+        kiln_cmd(&pg.url, &storage)
+            // JSON lines, kit events included: checked below for the span's fields.
+            .env("RUST_LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn,kit_worker=info")
+            .env("KILN_FAULT_GENERATOR_FAILURES", faults)
+            .env("KILN_MAX_ATTEMPTS", "2")
+            .env("KILN_RETRY_BASE_MS", "50")
+            .env("KILN_AUDIT_EVERY_SECS", "1")
+            .args(["work", "--concurrency", "2", "--grace-secs", "5"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("kiln work")
+    };
+    let order = |kit: &str, key: &str| {
+        create(
+            kiln_cmd(&pg.url, &storage).env("KILN_MAX_ATTEMPTS", "2"),
+            &o,
+            kit,
+            key,
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let ended = |ids: &[String]| {
+        ids.iter().all(|id| {
+            matches!(
+                field(&pg.url, id, "status").as_str(),
+                "succeeded" | "failed"
+            )
+        })
+    };
+
+    // Every generation fails: both kits fail after their two attempts.
+    let faulty_port = kiln_e2e::free_port();
+    let mut faulty = worker("1", faulty_port);
+    kiln_e2e::wait_for_port(faulty_port, "the faulty worker's metrics");
+    let doomed = vec![
+        order("essentials", "doomed-1"),
+        order("essentials", "doomed-2"),
+    ];
+    wait_for("the doomed kits to fail", deadline, || ended(&doomed));
+    let m = kiln_e2e::scrape(&format!("127.0.0.1:{faulty_port}"));
+    let get = |m: &std::collections::BTreeMap<String, f64>, k: &str| {
+        m.get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("no {k} in {m:#?}"))
+    };
+    let attempts = |m: &std::collections::BTreeMap<String, f64>, kit: &str, outcome: &str| {
+        m.get(&format!(
+            "kiln_kit_attempt_duration_seconds_count{{kit=\"{kit}\",outcome=\"{outcome}\"}}"
+        ))
+        .copied()
+        .unwrap_or(0.0)
+    };
+    assert_eq!(attempts(&m, "essentials", "retried"), 2.0, "{m:#?}");
+    assert_eq!(attempts(&m, "essentials", "failed"), 2.0, "{m:#?}");
+    assert_eq!(attempts(&m, "essentials", "succeeded"), 0.0, "{m:#?}");
+    assert_eq!(
+        get(
+            &m,
+            "kiln_kit_retries_total{kit=\"essentials\",code=\"injected_fault\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        get(&m, "kiln_worker_kits_in_flight{kit=\"essentials\"}"),
+        0.0
+    );
+    let _ = faulty.kill();
+    let _ = faulty.wait();
+
+    // A healthy worker: three kits succeed.
+    let port = kiln_e2e::free_port();
+    let mut healthy = worker("0", port);
+    kiln_e2e::wait_for_port(port, "the worker's metrics");
+    let made = vec![
+        order("essentials", "made-1"),
+        order("essentials", "made-2"),
+        order("caratzon", "made-3"),
+    ];
+    wait_for("the kits to succeed", deadline, || ended(&made));
+    for id in &made {
+        assert_eq!(field(&pg.url, id, "status"), "succeeded");
+    }
+    // Its maintenance loop audits every second: wait for one audit after the kits.
+    let audits = get(
+        &kiln_e2e::scrape(&format!("127.0.0.1:{port}")),
+        "kiln_audits_total",
+    );
+    wait_for("an audit after the kits", deadline, || {
+        get(
+            &kiln_e2e::scrape(&format!("127.0.0.1:{port}")),
+            "kiln_audits_total",
+        ) > audits
+    });
+    let m = kiln_e2e::scrape(&format!("127.0.0.1:{port}"));
+    assert_eq!(attempts(&m, "essentials", "succeeded"), 2.0, "{m:#?}");
+    assert_eq!(attempts(&m, "caratzon", "succeeded"), 1.0, "{m:#?}");
+    assert_eq!(
+        attempts(&m, "essentials", "failed"),
+        0.0,
+        "a new process: {m:#?}"
+    );
+    assert_eq!(get(&m, "kiln_audit_breaches"), 0.0);
+    // Its log: JSON lines, and every kit line carries the job, the account and the attempt.
+    let log = std::fs::read_to_string(dir.0.join(format!("worker-{port}.log"))).expect("log");
+    let succeeded: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "kit job succeeded; charge committed")
+        .collect();
+    assert_eq!(succeeded.len(), 3, "{log}");
+    for line in &succeeded {
+        let span = &line["span"];
+        assert_eq!(span["name"], "kit", "{line}");
+        assert_eq!(span["account"], o.account.as_str(), "{line}");
+        assert_eq!(span["attempt"], 1, "{line}");
+        assert!(made.iter().any(|id| span["job"] == id.as_str()), "{line}");
+    }
+
+    // The API's view: credits moved, from the journal; nothing left in the queues.
+    let serve = kiln_e2e::ServeProcess::start(
+        &mut kiln_cmd(&pg.url, &storage),
+        &dir.0.join("serve.log"),
+        &["--no-work"],
+    );
+    let api = kiln_e2e::scrape(serve.base.trim_start_matches("http://"));
+    let credits = |entry: &str| get(&api, &format!("kiln_credits_total{{entry=\"{entry}\"}}"));
+    // Welcome 200; reserved 10 + 10 (released) + 10 + 10 + 100 (committed).
+    assert_eq!(credits("grant"), 200.0);
+    assert_eq!(credits("reserve"), 140.0);
+    assert_eq!(credits("commit"), 120.0);
+    assert_eq!(credits("release"), 20.0);
+    assert_eq!(credits("expire"), 0.0);
+    // ... and the journal agrees, entry by entry.
+    for entry in ["grant", "reserve", "commit", "release"] {
+        let sum: f64 = psql_on(
+            &pg.url,
+            &format!("SELECT COALESCE(SUM(amount), 0) FROM journal WHERE entry = '{entry}'"),
+        )
+        .parse()
+        .expect("sum");
+        assert_eq!(credits(entry), sum, "{entry}");
+    }
+    for queue in ["kits.essentials", "kits.caratzon"] {
+        for status in ["queued", "running"] {
+            assert_eq!(
+                get(
+                    &api,
+                    &format!("kiln_queue_depth{{queue=\"{queue}\",status=\"{status}\"}}")
+                ),
+                0.0
+            );
+        }
+    }
+    let _ = healthy.kill();
+    let _ = healthy.wait();
 }

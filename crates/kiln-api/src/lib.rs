@@ -58,6 +58,18 @@ pub struct Api {
     keys: std::sync::Arc<keys::KeyCache>,
     /// Status reads (polls, asset listings) on held connections.
     reads: kiln_ledger::ReadDb,
+    /// More of `/metrics`: the in-process workers' own, when this server runs workers.
+    extra_metrics: Option<ExtraMetrics>,
+}
+
+/// A writer of more Prometheus text, appended to `/metrics`.
+#[derive(Clone)]
+pub struct ExtraMetrics(pub std::sync::Arc<dyn Fn(&mut String) + Send + Sync>);
+
+impl std::fmt::Debug for ExtraMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraMetrics")
+    }
 }
 
 /// Connections held for status reads: as many as a busy server polls at once on two cores.
@@ -77,7 +89,15 @@ impl Api {
             )),
             metrics: std::sync::Arc::default(),
             keys: std::sync::Arc::default(),
+            extra_metrics: None,
         }
+    }
+
+    /// Appends `extra`'s text to `/metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, extra: ExtraMetrics) -> Api {
+        self.extra_metrics = Some(extra);
+        self
     }
 
     /// One submission by `account`, or 429 with `Retry-After`.

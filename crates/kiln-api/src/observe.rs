@@ -14,6 +14,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use kiln_core::prom::{Histogram, family};
 use tracing::Instrument;
 
 use crate::Api;
@@ -45,13 +46,20 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RouteStats {
     /// By status code.
     count: BTreeMap<u16, u64>,
-    /// Cumulative per bucket, then +Inf.
-    buckets: [u64; BUCKETS.len() + 1],
-    sum_s: f64,
+    duration: Histogram,
+}
+
+impl Default for RouteStats {
+    fn default() -> Self {
+        RouteStats {
+            count: BTreeMap::new(),
+            duration: Histogram::new(&BUCKETS),
+        }
+    }
 }
 
 /// Counters the API keeps in memory; queue and ledger figures are read at scrape time.
@@ -81,13 +89,7 @@ impl Metrics {
             .entry((method.to_owned(), route.to_owned()))
             .or_default();
         *r.count.entry(status).or_default() += 1;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if seconds <= *b {
-                r.buckets[i] += 1;
-            }
-        }
-        r.buckets[BUCKETS.len()] += 1;
-        r.sum_s += seconds;
+        r.duration.observe(seconds);
     }
 
     pub(crate) fn rate_limited(&self) {
@@ -140,11 +142,6 @@ pub async fn layer(State(api): State<Api>, req: Request, next: Next) -> Response
     resp
 }
 
-/// A metric family's `# HELP` and `# TYPE` lines.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
 /// `GET /metrics`: Prometheus text format 0.0.4.
 #[utoipa::path(
     get,
@@ -161,11 +158,12 @@ pub async fn metrics(State(api): State<Api>) -> Response {
         let mut tx = ledger.db().begin_read().await?;
         let stats = kiln_jobs::queue_stats(&mut tx, ledger.ctx().now).await?;
         let holds = kiln_ledger::open_holds(&mut tx).await?;
-        Ok::<_, kiln_jobs::JobsError>((stats, holds))
+        let flows = kiln_ledger::credit_flows(&mut tx).await?;
+        Ok::<_, kiln_jobs::JobsError>((stats, holds, flows))
     }
     .await;
     let up = match gauges {
-        Ok((stats, holds)) => {
+        Ok((stats, holds, flows)) => {
             let now = ledger.ctx().now.millis();
             family(
                 &mut out,
@@ -208,6 +206,19 @@ pub async fn metrics(State(api): State<Api>) -> Response {
                 "Holds for tool calls not yet captured, voided or expired.",
             );
             let _ = writeln!(out, "kiln_holds_open {holds}");
+            family(
+                &mut out,
+                "kiln_credits_total",
+                "counter",
+                "Credits moved since the ledger began, by journal entry: granted, reserved, committed (charged), released (given back), expired. The same in every process: read from the journal.",
+            );
+            for entry in ["grant", "reserve", "commit", "release", "expire"] {
+                let n = flows
+                    .iter()
+                    .find(|(e, _)| e == entry)
+                    .map_or(0, |(_, n)| *n);
+                let _ = writeln!(out, "kiln_credits_total{{entry=\"{entry}\"}} {n}");
+            }
             true
         }
         Err(e) => {
@@ -275,29 +286,13 @@ pub async fn metrics(State(api): State<Api>) -> Response {
     );
     for ((method, route), r) in routes.iter() {
         let labels = format!("method=\"{method}\",route=\"{route}\"");
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "kiln_http_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {}",
-                r.buckets[i]
-            );
-        }
-        let total = r.buckets[BUCKETS.len()];
-        let _ = writeln!(
-            out,
-            "kiln_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {total}"
-        );
-        let _ = writeln!(
-            out,
-            "kiln_http_request_duration_seconds_sum{{{labels}}} {}",
-            r.sum_s
-        );
-        let _ = writeln!(
-            out,
-            "kiln_http_request_duration_seconds_count{{{labels}}} {total}"
-        );
+        r.duration
+            .render(&mut out, "kiln_http_request_duration_seconds", &labels);
     }
     drop(routes);
+    if let Some(extra) = &api.extra_metrics {
+        (extra.0)(&mut out);
+    }
     (
         StatusCode::OK,
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],

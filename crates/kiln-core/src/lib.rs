@@ -5,6 +5,7 @@ mod catalog;
 mod credits;
 mod ids;
 mod pricing;
+pub mod prom;
 mod spec;
 mod time;
 

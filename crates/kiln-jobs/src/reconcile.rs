@@ -130,11 +130,79 @@ pub async fn check_charges(tx: &mut Tx) -> Result<Vec<Breach>> {
     Ok(out)
 }
 
+/// A job beside its reservation, as [`check_kits`] reads them.
+#[derive(sqlx::FromRow)]
+struct KitRow {
+    id: String,
+    account_id: String,
+    idempotency_key: String,
+    kit: String,
+    status: String,
+    cost: i64,
+    manifest_key: Option<String>,
+    r_account: String,
+    r_key: String,
+    r_action: String,
+    r_list_price: i64,
+}
+
+/// Every job against what it was billed as: the kit's action, at the job's cost, on the job's
+/// account under the job's key (kit ↔ action ↔ cost ↔ account); and a succeeded job names its
+/// manifest, in its own directory. Part of [`audit`].
+pub async fn check_kits(tx: &mut Tx) -> Result<Vec<Breach>> {
+    let rows: Vec<KitRow> = on_tx!(tx, c => sqlx::query_as(
+        "SELECT j.id, j.account_id, j.idempotency_key, j.kit, j.status, j.cost, j.manifest_key, \
+         r.account_id AS r_account, r.idempotency_key AS r_key, r.action AS r_action, \
+         r.list_price AS r_list_price \
+         FROM kit_jobs j JOIN reservations r ON r.id = j.reservation_id ORDER BY j.id",
+    )
+    .fetch_all(&mut **c)
+    .await?);
+    let mut out = Vec::new();
+    for j in rows {
+        let mut breach = |what: String| {
+            out.push(Breach {
+                account_id: j.account_id.clone(),
+                what: format!("job {}: {what}", j.id),
+            })
+        };
+        match j.kit.parse::<kiln_core::Kit>() {
+            Ok(kit) if kit.action().as_str() == j.r_action => {}
+            _ => breach(format!("a kit of {} billed as {}", j.kit, j.r_action)),
+        }
+        if j.cost != j.r_list_price {
+            breach(format!(
+                "costs {} but its reservation's list price is {}",
+                j.cost, j.r_list_price
+            ));
+        }
+        if j.r_account != j.account_id {
+            breach(format!("billed to account {}", j.r_account));
+        }
+        if j.r_key != crate::enqueue::reservation_key(&j.idempotency_key) {
+            breach(format!(
+                "its key {:?} but its reservation's {:?}",
+                j.idempotency_key, j.r_key
+            ));
+        }
+        let dir = format!("kits/{}/", j.id.to_lowercase());
+        match (j.status.as_str(), &j.manifest_key) {
+            ("succeeded", None) => breach("succeeded with no manifest".into()),
+            (_, Some(m)) if !m.starts_with(&dir) => {
+                breach(format!("its manifest {m} is outside {dir}"))
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 /// The whole audit of a live database: the ledger's invariants (DESIGN.md §3) and every job
 /// against its charge, for every account or for one. Empty means clean.
 pub async fn audit(tx: &mut Tx, account: Option<AccountId>) -> Result<Vec<Breach>> {
     let mut out = kiln_ledger::audit(tx, account).await?;
-    let jobs = check_charges(tx).await?;
+    let mut jobs = check_charges(tx).await?;
+    jobs.extend(check_kits(tx).await?);
     out.extend(
         jobs.into_iter()
             .filter(|b| account.is_none_or(|a| b.account_id == a.to_string())),

@@ -25,8 +25,8 @@ pub use kiln_core::{AccountId, Action, CreditKind, Credits, PlanId, Pricing, Tim
 pub use ops::{
     Ctx, DEFAULT_HOLD_MS, HOLD_MS_RANGE, RESERVED_KEY_PREFIXES, Totals, account,
     account_by_api_key, admin_grant, balance, charge, check_caller_key, check_key, commit,
-    create_account, create_hold, due_accounts, due_holds, expire_hold, grants, hold, journal,
-    open_holds, optimistic, quote, release, renew, reservation, reserve, reserve_locked,
+    create_account, create_hold, credit_flows, due_accounts, due_holds, expire_hold, grants, hold,
+    journal, open_holds, optimistic, quote, release, renew, reservation, reserve, reserve_locked,
     resolve_hold, set_plan, topup, totals,
 };
 pub use readers::{Held, ReadDb, Taken};

@@ -13,7 +13,7 @@ use kiln_core::Kit;
 use kiln_jobs::Queue;
 use kiln_ledger::{Db, DbOptions, Ledger, Schema, SystemClock};
 use kiln_storage::{LocalStore, S3Config, S3Store, Storage};
-use kit_worker::{Deps, WorkerConfig};
+use kit_worker::{Deps, WorkerConfig, WorkerMetrics};
 
 use crate::settings::{GeneratorKind, Settings};
 
@@ -150,6 +150,10 @@ pub struct App {
     queue: Queue,
     storage: Storage,
     generator: Generator,
+    /// What this process's workers and maintenance loop have done (`/metrics`).
+    metrics: Arc<WorkerMetrics>,
+    /// When the maintenance loop last ran the audit.
+    audited_at: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 /// Finished apalis tasks are deleted after a day (kit_jobs keeps the history).
@@ -167,6 +171,8 @@ impl App {
             storage,
             generator,
             settings,
+            metrics: Arc::new(WorkerMetrics::new()),
+            audited_at: Arc::default(),
         })
     }
 
@@ -190,6 +196,11 @@ impl App {
             generator: self.generator.clone(),
             retry_base: Duration::from_millis(self.settings.jobs.retry_base_ms),
             lease: self.settings.jobs.lease(),
+            deadlines: self.settings.jobs.deadlines(),
+            metrics: self.metrics.clone(),
+            faults: kit_worker::Faults {
+                generator_failures: self.settings.generator.fault_generator_failures,
+            },
         }
     }
 
@@ -216,8 +227,73 @@ impl App {
         let mut tx = ledger.db().begin().await?;
         let pruned = kiln_jobs::prune_tasks(&mut tx, ctx.now, PRUNE_AFTER_MS).await?;
         tx.commit().await?;
+        let m = &self.metrics;
+        m.maintained("requeued", r.requeued.into());
+        m.maintained("failed", r.failed.into());
+        m.maintained("charges_resolved", r.charges_resolved.into());
+        m.maintained("holds_expired", holds_expired.into());
         tracing::info!(?renewed, holds_expired, ?r, pruned, "maintenance");
+        let every = self.settings.jobs.audit_every_secs;
+        let due = {
+            let mut at = self
+                .audited_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = every > 0 && at.is_none_or(|t| t.elapsed().as_secs() >= every);
+            if due {
+                *at = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due {
+            let mut read = ledger.db().begin_read().await?;
+            let breaches = kiln_jobs::audit(&mut read, None).await?;
+            drop(read);
+            m.audited(breaches.len());
+            for b in &breaches {
+                tracing::error!(account = %b.account_id, "audit breach: {}", b.what);
+            }
+        }
         Ok(())
+    }
+
+    /// This process's worker and maintenance metrics, as a writer of Prometheus text.
+    pub fn metrics_writer(&self) -> kiln_api::ExtraMetrics {
+        let m = self.metrics.clone();
+        kiln_api::ExtraMetrics(Arc::new(move |out: &mut String| m.render(out)))
+    }
+
+    /// `GET /metrics` on `listen` with this process's worker metrics (for `kiln work`, which
+    /// serves no API), until aborted. Returns the bound address and the server task.
+    pub async fn serve_metrics(
+        &self,
+        listen: &str,
+    ) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} for metrics"))?;
+        let addr = listener.local_addr()?;
+        let writer = self.metrics_writer();
+        let router = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let writer = writer.clone();
+                async move {
+                    let mut out = String::new();
+                    (writer.0)(&mut out);
+                    (
+                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        out,
+                    )
+                }
+            }),
+        );
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!("the metrics server stopped: {e}");
+            }
+        });
+        Ok((addr, task))
     }
 
     /// The maintenance loop ([`App::maintain`] every `maintenance_ms`), until aborted. Both
@@ -256,11 +332,10 @@ impl App {
             submit_burst: self.settings.api.submit_burst,
             submit_per_minute: self.settings.api.submit_per_minute,
         };
-        let router = kiln_api::router(kiln_api::Api::new(
-            self.queue.clone(),
-            self.storage.clone(),
-            &cfg,
-        ));
+        let router = kiln_api::router(
+            kiln_api::Api::new(self.queue.clone(), self.storage.clone(), &cfg)
+                .with_metrics(self.metrics_writer()),
+        );
         // Long-polls hear of job changes made by workers in other processes.
         let listener_task = kiln_jobs::events::listen(self.ledger().db())
             .await

@@ -3,6 +3,7 @@
 //! (`main.rs`) parses the command line and calls these.
 
 pub mod app;
+pub mod audit;
 pub mod client;
 pub mod settings;
 

@@ -63,9 +63,14 @@ enum Command {
         #[arg(long = "idempotency-key")]
         idempotency_key: String,
     },
-    /// Check the ledger's invariants and job/charge agreement on the whole database; exits 1 on
-    /// any breach.
-    Audit,
+    /// Check the ledger's invariants (replaying every account's journal) and every kit against
+    /// its charge, action, cost and account on the whole database; exits 1 on any breach.
+    Audit {
+        /// Also read every succeeded kit's manifest and files from storage and check they exist
+        /// with the sizes and sha256 the manifest gives (reads every kit: slow on a big bucket).
+        #[arg(long)]
+        storage: bool,
+    },
     /// Make kits end to end on the embedded default: a demo account, the bundled sample design
     /// (or yours), an in-process worker, a progress bar, where each asset landed, the balance.
     Demo {
@@ -104,6 +109,10 @@ enum Command {
         /// database is refused.
         #[arg(long)]
         migrate: bool,
+        /// Serve this process's Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464;
+        /// 127.0.0.1:0 picks a free port, printed at start). Off when not given.
+        #[arg(long = "metrics-listen")]
+        metrics_listen: Option<String>,
     },
     /// Order and follow kits.
     #[command(subcommand)]
@@ -269,6 +278,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             concurrency,
             grace_secs,
             migrate,
+            metrics_listen,
         } => {
             let queues = kits::parse_queues(&queues)?;
             anyhow::ensure!(!queues.is_empty(), "--queues names no queue");
@@ -280,7 +290,19 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 concurrency,
                 grace: std::time::Duration::from_secs(grace_secs),
             };
-            kits::work(&app, opts).await?;
+            let metrics = match metrics_listen {
+                Some(listen) => {
+                    let (addr, task) = app.serve_metrics(&listen).await?;
+                    eprintln!("kiln work: metrics at http://{addr}/metrics");
+                    Some(task)
+                }
+                None => None,
+            };
+            let worked = kits::work(&app, opts).await;
+            if let Some(t) = metrics {
+                t.abort();
+            }
+            worked?;
             return Ok(std::process::ExitCode::SUCCESS);
         }
         Command::Kits(KitsCommand::Create {
@@ -545,16 +567,27 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 }
             }
         }
-        Command::Audit => {
+        Command::Audit { storage } => {
             let mut tx = ledger.db().begin_read().await?;
-            let breaches = kiln_jobs::audit(&mut tx, None).await?;
+            let mut breaches = kiln_jobs::audit(&mut tx, None).await?;
             drop(tx);
+            if storage {
+                let objects = app::open_storage(&settings).await?;
+                breaches.extend(kiln::audit::audit_storage(ledger.db(), &objects).await?);
+            }
             if out.json {
                 out.print(
                     &serde_json::json!({ "clean": breaches.is_empty(), "breaches": breaches }),
                 );
             } else if breaches.is_empty() {
-                println!("ledger clean: every invariant holds, every job agrees with its charge");
+                println!(
+                    "ledger clean: every invariant holds, every job agrees with its charge{}",
+                    if storage {
+                        "; every succeeded kit's files are in storage as its manifest says"
+                    } else {
+                        ""
+                    }
+                );
             } else {
                 for b in &breaches {
                     println!("BREACH account {}: {}", b.account_id, b.what);

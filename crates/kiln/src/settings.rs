@@ -107,6 +107,9 @@ pub struct GeneratorSettings {
     /// model built into kiln. Loaded and checked when workers start: a missing or broken file
     /// stops them then, naming its path.
     pub cutout_model: Option<String>,
+    /// `KILN_FAULT_GENERATOR_FAILURES`: the share of attempts (0 to 1) whose generation fails on
+    /// purpose with a retryable `injected_fault`, for chaos testing. Default 0: never.
+    pub fault_generator_failures: f64,
 }
 
 impl Default for GeneratorSettings {
@@ -119,6 +122,7 @@ impl Default for GeneratorSettings {
             image_model: "gpt-image-1".into(),
             timeout_secs: 120,
             cutout_model: None,
+            fault_generator_failures: 0.0,
         }
     }
 }
@@ -139,6 +143,14 @@ pub struct JobSettings {
     pub missed_heartbeats: usize,
     /// `KILN_MAINTENANCE_MS`: renewals, the reconciler and pruning run this often.
     pub maintenance_ms: u64,
+    /// `KILN_ESSENTIALS_DEADLINE_SECS`: an Essentials attempt still running after this is
+    /// abandoned and retried (its credits stay held for the retry, released if none is left).
+    pub essentials_deadline_secs: u64,
+    /// `KILN_CARATZON_DEADLINE_SECS`: the same for a Caratzon attempt.
+    pub caratzon_deadline_secs: u64,
+    /// `KILN_AUDIT_EVERY_SECS`: the maintenance loop runs the database audit this often and
+    /// exports its breach count as `kiln_audit_breaches` (0: never).
+    pub audit_every_secs: u64,
 }
 
 impl Default for JobSettings {
@@ -150,6 +162,9 @@ impl Default for JobSettings {
             heartbeat_ms: 5_000,
             missed_heartbeats: 3,
             maintenance_ms: 10_000,
+            essentials_deadline_secs: 300,
+            caratzon_deadline_secs: 900,
+            audit_every_secs: 300,
         }
     }
 }
@@ -176,6 +191,14 @@ impl Default for ApiSettings {
 impl JobSettings {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
+    }
+
+    /// How long one attempt of each kit may run.
+    pub fn deadlines(&self) -> kit_worker::Deadlines {
+        kit_worker::Deadlines {
+            essentials: Duration::from_secs(self.essentials_deadline_secs),
+            caratzon: Duration::from_secs(self.caratzon_deadline_secs),
+        }
     }
 }
 
@@ -328,6 +351,11 @@ impl Settings {
         if let Some(v) = env.get("KILN_CUTOUT_MODEL") {
             g.cutout_model = Some(v);
         }
+        number(
+            env,
+            "KILN_FAULT_GENERATOR_FAILURES",
+            &mut g.fault_generator_failures,
+        )?;
         number(env, "KILN_SUBMIT_BURST", &mut self.api.submit_burst)?;
         number(
             env,
@@ -341,6 +369,17 @@ impl Settings {
         number(env, "KILN_HEARTBEAT_MS", &mut j.heartbeat_ms)?;
         number(env, "KILN_MISSED_HEARTBEATS", &mut j.missed_heartbeats)?;
         number(env, "KILN_MAINTENANCE_MS", &mut j.maintenance_ms)?;
+        number(
+            env,
+            "KILN_ESSENTIALS_DEADLINE_SECS",
+            &mut j.essentials_deadline_secs,
+        )?;
+        number(
+            env,
+            "KILN_CARATZON_DEADLINE_SECS",
+            &mut j.caratzon_deadline_secs,
+        )?;
+        number(env, "KILN_AUDIT_EVERY_SECS", &mut j.audit_every_secs)?;
         Ok(())
     }
 
@@ -402,12 +441,22 @@ impl Settings {
         if g.timeout_secs == 0 {
             bail!("generator.timeout_secs / KILN_PROVIDER_TIMEOUT_SECS must be positive");
         }
+        if !(0.0..=1.0).contains(&g.fault_generator_failures) {
+            bail!(
+                "generator.fault_generator_failures / KILN_FAULT_GENERATOR_FAILURES must be between 0 and 1"
+            );
+        }
         let j = &self.jobs;
         if j.max_attempts == 0 {
             bail!("jobs.max_attempts / KILN_MAX_ATTEMPTS must be at least 1");
         }
         if j.lease_ms < 100 {
             bail!("jobs.lease_ms / KILN_LEASE_MS must be at least 100");
+        }
+        if j.essentials_deadline_secs == 0 || j.caratzon_deadline_secs == 0 {
+            bail!(
+                "jobs.essentials_deadline_secs and caratzon_deadline_secs (KILN_ESSENTIALS_DEADLINE_SECS, KILN_CARATZON_DEADLINE_SECS) must be positive"
+            );
         }
         if j.heartbeat_ms == 0 || j.maintenance_ms == 0 || j.missed_heartbeats == 0 {
             bail!(

@@ -86,6 +86,9 @@ fn deps(ledger: &Ledger, dir: &std::path::Path) -> Result<Deps, Error> {
         generator: Generator::Studio,
         retry_base: Duration::from_secs(5),
         lease: Duration::from_secs(20),
+        deadlines: kit_worker::Deadlines::default(),
+        metrics: Default::default(),
+        faults: kit_worker::Faults::default(),
     })
 }
 

@@ -27,6 +27,48 @@ pub struct Deps {
     /// finds the lease live leaves the job alone, and the reconciler repairs jobs whose lease
     /// ran out (their worker died).
     pub lease: Duration,
+    /// How long one attempt may run, per kit: past it the attempt is abandoned and retried
+    /// (a kit stuck in a storage or provider call would otherwise keep its lease alive, and
+    /// its credits held, for ever).
+    pub deadlines: Deadlines,
+    /// What this process has done, for its `/metrics`.
+    pub metrics: Arc<crate::WorkerMetrics>,
+    /// Faults to inject (chaos testing; none by default).
+    pub faults: Faults,
+}
+
+/// Faults injected on purpose, to prove retries and releases under failure (`make chaos`).
+/// Off by default; `KILN_FAULT_GENERATOR_FAILURES` sets the share of attempts whose generation
+/// fails (a retryable `injected_fault`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Faults {
+    /// The share of attempts, 0 to 1, that fail as the generator starts.
+    pub generator_failures: f64,
+}
+
+/// How long one attempt of each kit may run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadlines {
+    pub essentials: Duration,
+    pub caratzon: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            essentials: Duration::from_secs(300),
+            caratzon: Duration::from_secs(900),
+        }
+    }
+}
+
+impl Deadlines {
+    pub fn for_kit(&self, kit: kiln_core::Kit) -> Duration {
+        match kit {
+            kiln_core::Kit::Essentials => self.essentials,
+            kiln_core::Kit::Caratzon => self.caratzon,
+        }
+    }
 }
 
 impl Deps {
@@ -137,6 +179,12 @@ pub async fn run(
         Claim::Finished(_) | Claim::Busy => return Ok(Outcome::Skipped),
         Claim::GaveUp(_) => return Ok(Outcome::GaveUp),
     };
+    // Every line of this attempt from here on carries who and which attempt (in JSON logs
+    // too, `RUST_LOG_FORMAT=json`): the span opened by the worker's handler.
+    let span = tracing::Span::current();
+    span.record("account", tracing::field::display(job.account_id));
+    span.record("attempt", job.attempts);
+    span.record("fence", fence.0);
     tracing::info!(job = %job.id, kit = %job.kit, attempt = job.attempts, fence = fence.0, "kit job started");
     let superseded = Arc::new(AtomicBool::new(false));
     // Stops with this attempt however it ends: returned, panicked or dropped (a renewer that
@@ -147,7 +195,18 @@ pub async fn run(
         fence,
         superseded.clone(),
     )));
-    let worked = work(deps, &job, fence, &superseded).await;
+    let deadline = deps.deadlines.for_kit(job.kit);
+    let worked = tokio::time::timeout(deadline, work(deps, &job, fence, &superseded))
+        .await
+        .unwrap_or_else(|_| {
+            Err(RunError::Retry {
+                code: "deadline_exceeded",
+                message: format!(
+                    "the attempt was still running after its deadline ({} s); abandoned",
+                    deadline.as_secs_f64()
+                ),
+            })
+        });
     drop(lease);
     match worked {
         Ok(Published {
@@ -303,6 +362,15 @@ async fn work(
         code: "invalid_spec",
         message: e.to_string(),
     })?;
+
+    if deps.faults.generator_failures > 0.0 && fastrand::f64() < deps.faults.generator_failures {
+        return Err(RunError::Retry {
+            code: "injected_fault",
+            message:
+                "the generator failed (a fault injected on purpose: KILN_FAULT_GENERATOR_FAILURES)"
+                    .into(),
+        });
+    }
 
     // Progress goes to the database from an async task; the renderer only sends steps.
     let (steps, mut rx) = tokio::sync::mpsc::unbounded_channel::<Step>();

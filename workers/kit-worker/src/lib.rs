@@ -6,6 +6,7 @@
 //! `kiln work` exits non-zero and its supervisor restarts it.
 
 pub mod job;
+mod metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,10 @@ use apalis::prelude::*;
 use kiln_core::Kit;
 use kiln_jobs::{KitTask, WorkerName};
 use kiln_ledger::Db;
+use tracing::Instrument;
 
-pub use job::{Deps, Outcome, backoff};
+pub use job::{Deadlines, Deps, Faults, Outcome, backoff};
+pub use metrics::WorkerMetrics;
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -168,23 +171,75 @@ pub enum WorkerError {
     Stopped { name: String, message: String },
 }
 
+/// The kit of the queue a worker serves (its tasks carry only the job id).
+#[derive(Clone, Copy, Debug)]
+struct QueueKit(Kit);
+
 async fn handle(
     task: KitTask,
     id: TaskId,
     deps: Data<Arc<Deps>>,
     draining: Data<Arc<Draining>>,
+    kit: Data<QueueKit>,
     worker: WorkerContext,
 ) -> Result<(), BoxDynError> {
+    let QueueKit(kit) = *kit;
     let _running = draining.enter();
+    let _in_flight = deps.metrics.enter(kit);
+    let started = std::time::Instant::now();
     let task_id = id.to_string().parse()?;
-    match job::run(&deps, &task.job, &task_id, &WorkerName::new(worker.name())).await {
+    let span = tracing::info_span!(
+        "kit",
+        job = %task.job,
+        kit = %kit,
+        account = tracing::field::Empty,
+        attempt = tracing::field::Empty,
+        fence = tracing::field::Empty,
+    );
+    let ran = job::run(&deps, &task.job, &task_id, &WorkerName::new(worker.name()))
+        .instrument(span)
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    match ran {
         Ok(outcome) => {
+            deps.metrics.attempt(kit, Some(&outcome), seconds);
             tracing::debug!(job = %task.job, ?outcome, "delivery done");
             Ok(())
         }
         // The database is unreachable: let apalis redeliver (a bounded number of times); the
         // job's own state is untouched, and the reconciler picks up what is left.
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            deps.metrics.attempt(kit, None, seconds);
+            Err(e.into())
+        }
+    }
+}
+
+/// Waits for every queue's worker task to end. The first that ends with an error or dies (a
+/// panic: its `JoinError`) is recorded and stops the others, so the process exits non-zero and
+/// its supervisor restarts it, instead of living on with one queue dead (issue 12, defect 5).
+async fn supervise(
+    set: &mut tokio::task::JoinSet<Result<(), WorkerError>>,
+    stop: &tokio::sync::watch::Sender<bool>,
+    name: &str,
+    first_error: &mut Option<WorkerError>,
+) {
+    while let Some(r) = set.join_next().await {
+        let e = match r {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(e) => WorkerError::Stopped {
+                name: name.to_owned(),
+                message: if e.is_panic() {
+                    format!("a queue's worker task panicked: {e}")
+                } else {
+                    format!("a queue's worker task ended: {e}")
+                },
+            },
+        };
+        tracing::error!("{e}; stopping the other queues");
+        first_error.get_or_insert(e);
+        let _ = stop.send(true);
     }
 }
 
@@ -237,6 +292,7 @@ pub async fn run(
                         .backend($backend)
                         .data(deps.clone())
                         .data(draining.clone())
+                        .data(QueueKit(kit))
                         .concurrency(cfg.concurrency)
                         .build(handle)
                         .run_until(signal)
@@ -277,25 +333,7 @@ pub async fn run(
     let grace = cfg.grace;
     let mut stopping = stop_rx.clone();
     let mut first_error = None;
-    let drain = async {
-        while let Some(r) = set.join_next().await {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!("{e}");
-                    first_error.get_or_insert(e);
-                    // One queue's worker died: stop the others, so the process exits and is restarted.
-                    let _ = stop_tx.send(true);
-                }
-                Err(e) => {
-                    first_error.get_or_insert(WorkerError::Stopped {
-                        name: cfg.name.clone(),
-                        message: e.to_string(),
-                    });
-                }
-            }
-        }
-    };
+    let drain = supervise(&mut set, &stop_tx, &cfg.name, &mut first_error);
     tokio::select! {
         () = drain => {}
         () = async {
@@ -310,10 +348,45 @@ pub async fn run(
             }
             .await;
             match handed {
-                Ok(n) => tracing::warn!(grace_s = grace.as_secs(), handed_back = n, "grace period over; kits still running were handed back"),
+                Ok(n) => {
+                    deps.metrics.handed_back(n);
+                    tracing::warn!(grace_s = grace.as_secs(), handed_back = n, "grace period over; kits still running were handed back");
+                }
                 Err(e) => tracing::error!("grace period over; handing kits back failed (their leases will run out): {e}"),
             }
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One queue's task panics while another waits for the stop signal: the supervisor records
+    /// the panic as the process's error and stops the other queue, so `run` returns an error
+    /// (and `kiln work` exits non-zero) instead of living on with one queue dead.
+    #[tokio::test]
+    async fn a_queue_task_that_panics_stops_the_others_and_is_the_error() {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut set = tokio::task::JoinSet::new();
+        let mut rx = stop_rx.clone();
+        set.spawn(async move {
+            // The healthy queue: runs until told to stop.
+            let _ = rx.wait_for(|s| *s).await;
+            Ok(())
+        });
+        set.spawn(async { panic!("a bug in a kit") });
+        let mut first_error = None;
+        // The bound only turns a hang (the healthy queue never told to stop) into a failure.
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            supervise(&mut set, &stop_tx, "w1", &mut first_error),
+        )
+        .await
+        .expect("the supervisor stopped the healthy queue");
+        assert!(*stop_rx.borrow(), "the stop signal was sent");
+        let e = first_error.expect("the panic is the error").to_string();
+        assert!(e.contains("panicked") && e.contains("w1"), "{e}");
+    }
 }

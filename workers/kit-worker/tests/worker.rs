@@ -23,6 +23,7 @@ backends!(
     shutdown_lets_a_running_kit_finish,
     a_bad_idempotency_key_is_refused_before_anything_is_stored,
     a_stale_attempt_cannot_change_the_kit_that_won,
+    a_hung_attempt_is_abandoned_at_its_deadline_and_its_credits_released,
 );
 
 struct Rig {
@@ -72,6 +73,9 @@ async fn rig(backend: Backend) -> Rig {
             generator: Generator::Studio,
             retry_base: Duration::from_millis(50),
             lease: Duration::from_secs(10),
+            deadlines: kit_worker::Deadlines::default(),
+            metrics: Default::default(),
+            faults: kit_worker::Faults::default(),
         },
         account,
     }
@@ -81,7 +85,14 @@ fn design() -> Bytes {
     Bytes::from(kiln_assets::encode_jpeg(&kiln_assets::sample::ring(900), 90).expect("jpeg"))
 }
 
-async fn order(rig: &Rig, kit: Kit, design: Bytes, key: &str) -> KitJob {
+/// An order through the producer, as the API and CLI send it.
+async fn submit(
+    rig: &Rig,
+    kit: Kit,
+    design: Bytes,
+    key: &str,
+    max_attempts: u32,
+) -> Result<kiln_producer::Accepted, kiln_producer::IntakeError> {
     intake(
         &rig.queue,
         &rig.deps.storage,
@@ -91,12 +102,17 @@ async fn order(rig: &Rig, kit: Kit, design: Bytes, key: &str) -> KitJob {
             design,
             spec_json: kiln_assets::sample::SPEC_JSON.as_bytes(),
             idempotency_key: key,
-            max_attempts: kiln_producer::MAX_ATTEMPTS,
+            max_attempts,
         },
     )
     .await
-    .expect("intake")
-    .job
+}
+
+async fn order(rig: &Rig, kit: Kit, design: Bytes, key: &str) -> KitJob {
+    submit(rig, kit, design, key, kiln_producer::MAX_ATTEMPTS)
+        .await
+        .expect("intake")
+        .job
 }
 
 async fn job(rig: &Rig, id: &JobId) -> KitJob {
@@ -253,17 +269,12 @@ async fn a_bad_idempotency_key_is_refused_before_anything_is_stored(backend: Bac
     let rig = rig(backend).await;
     // 197 characters: within 200, but not once the reservation's `kit:` prefix is added.
     for key in [String::new(), "k".repeat(197), "tab\tkey".to_owned()] {
-        let e = intake(
-            &rig.queue,
-            &rig.deps.storage,
-            Order {
-                account: rig.account,
-                kit: Kit::Essentials,
-                design: design(),
-                spec_json: kiln_assets::sample::SPEC_JSON.as_bytes(),
-                idempotency_key: &key,
-                max_attempts: kiln_producer::MAX_ATTEMPTS,
-            },
+        let e = submit(
+            &rig,
+            Kit::Essentials,
+            design(),
+            &key,
+            kiln_producer::MAX_ATTEMPTS,
         )
         .await
         .expect_err("bad key");
@@ -334,4 +345,60 @@ async fn a_stale_attempt_cannot_change_the_kit_that_won(backend: Backend) {
     let after = job(&rig, &e.id).await;
     assert_eq!(after.manifest_key, won.manifest_key);
     assert_complete(&rig, &after).await;
+}
+
+/// An attempt stuck in a call that never answers (here the AI provider: a server that accepts
+/// the connection and says nothing, well inside the provider's own 120 s timeout) is abandoned
+/// at its kit's deadline and retried; with no attempts left the kit fails and its credits are
+/// released. Before, its lease was renewed for as long as the call hung, and its credits stayed
+/// held (issue 12, defect 5).
+async fn a_hung_attempt_is_abandoned_at_its_deadline_and_its_credits_released(backend: Backend) {
+    let mut rig = rig(backend).await;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let addr = silent.local_addr().expect("addr");
+    // Accepts every connection and keeps it open without a word.
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in silent.incoming().take(8) {
+            open.push(stream);
+        }
+        open.len()
+    });
+    rig.deps.generator = Generator::Ai(
+        kiln_assets::provider::Provider::new(kiln_assets::provider::ProviderConfig {
+            base_url: format!("http://{addr}"),
+            api_key: "test-key".into(),
+            image_model: "gpt-image-1".into(),
+            text_model: "gpt-4o-mini".into(),
+            timeout: Duration::from_secs(120),
+        })
+        .expect("provider"),
+    );
+    rig.deps.deadlines = kit_worker::Deadlines {
+        essentials: Duration::from_millis(800),
+        caratzon: Duration::from_millis(800),
+    };
+    let before = rig.deps.ledger.balance(rig.account).await.expect("balance");
+    let (stop, worker) = start_worker(&rig, 1);
+    let e = submit(&rig, Kit::Essentials, design(), "hung", 2)
+        .await
+        .expect("intake")
+        .job;
+    let j = wait_until(&rig, &e.id, |j| j.status.is_terminal()).await;
+    let _ = stop.send(());
+    worker.await.expect("join").expect("worker stops cleanly");
+    assert_eq!(
+        (j.status, j.charge(), j.attempts),
+        (JobStatus::Failed, Charge::Released, 2),
+        "{j:?}"
+    );
+    assert_eq!(
+        j.error.as_ref().map(|e| e.code.as_str()),
+        Some("deadline_exceeded"),
+        "{j:?}"
+    );
+    let after = rig.deps.ledger.balance(rig.account).await.expect("balance");
+    assert_eq!(after.available, before.available, "the credits came back");
+    assert_clean(&rig).await;
+    drop(held);
 }

@@ -248,6 +248,16 @@ pub async fn expire_hold(tx: &mut Tx, ctx: &Ctx<'_>, id: HoldId) -> Result<bool>
 }
 
 /// How many holds are open (held), for the metrics.
+/// Credits moved by every journal entry kind since the ledger began (`grant`, `reserve`,
+/// `commit`, `release`, `expire`), each a counter: the journal only grows.
+pub async fn credit_flows(tx: &mut Tx) -> Result<Vec<(String, i64)>> {
+    Ok(on_tx!(tx, c => sqlx::query_as(
+        "SELECT entry, CAST(SUM(amount) AS BIGINT) FROM journal GROUP BY entry ORDER BY entry",
+    )
+    .fetch_all(&mut **c)
+    .await?))
+}
+
 pub async fn open_holds(tx: &mut Tx) -> Result<u64> {
     let n: i64 = on_tx!(tx, c => sqlx::query_scalar("SELECT COUNT(*) FROM holds WHERE status = 'held'")
         .fetch_one(&mut **c)

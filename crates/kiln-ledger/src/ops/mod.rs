@@ -39,8 +39,8 @@ use crate::LedgerError;
 pub use accounts::{account, account_by_api_key, balance, create_account, quote, set_plan, totals};
 pub use grants::{admin_grant, due_accounts, grants, renew, topup};
 pub use holds::{
-    DEFAULT_HOLD_MS, HOLD_MS_RANGE, create_hold, due_holds, expire_hold, hold, open_holds,
-    resolve_hold,
+    DEFAULT_HOLD_MS, HOLD_MS_RANGE, create_hold, credit_flows, due_holds, expire_hold, hold,
+    open_holds, resolve_hold,
 };
 pub use journal::{Totals, journal};
 pub use reserve::{
