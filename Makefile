@@ -60,9 +60,9 @@ fuzz:
 ## and injected generator failures; bounded and self-stopping, loopback only (tests/tests/chaos.rs).
 ## CHAOS_SEED replays a run; CHAOS_KITS and CHAOS_FAULTS size it.
 chaos: services build
-	$(CARGO) nextest run -p kiln-e2e --test chaos --run-ignored only --no-capture --profile chaos
+	$(CARGO) nextest run --workspace --test chaos --run-ignored only --no-capture --profile chaos
 
 ## Soak: 20 minutes of steady Essentials orders (SOAK_RATE per second, 0.4) into two workers;
 ## latency, worker memory and dead tuples sampled each minute must stay flat (tests/tests/soak.rs).
 soak: services build
-	$(CARGO) nextest run -p kiln-e2e --test soak --run-ignored only --no-capture --profile chaos
+	$(CARGO) nextest run --workspace --test soak --run-ignored only --no-capture --profile chaos

@@ -147,7 +147,7 @@ pub fn ok(out: &Output) -> String {
 }
 
 /// `kiln` against a test's database and storage, tuned for fast failure detection: 300 ms
-/// heartbeats, a 1.5 s lease, maintenance every 500 ms, 100 ms first retry, 12 attempts.
+/// heartbeats, a 1.5 s lease, maintenance every 500 ms, 100 ms first retry (at most 2 s), 12 attempts.
 pub fn kiln_cmd(db: &str, storage: &Path) -> Command {
     let mut cmd = Command::new(kiln_bin());
     cmd.env_remove("KILN_CONFIG")
@@ -159,6 +159,7 @@ pub fn kiln_cmd(db: &str, storage: &Path) -> Command {
         .env("KILN_MAINTENANCE_MS", "500")
         .env("KILN_LEASE_MS", "1500")
         .env("KILN_RETRY_BASE_MS", "100")
+        .env("KILN_RETRY_MAX_MS", "2000")
         .env("KILN_MAX_ATTEMPTS", "12")
         .env("RUST_LOG", test_log_filter());
     cmd

@@ -194,7 +194,7 @@ impl App {
             ledger: self.ledger().clone(),
             storage: self.storage.clone(),
             generator: self.generator.clone(),
-            retry_base: Duration::from_millis(self.settings.jobs.retry_base_ms),
+            retry: self.settings.jobs.retry(),
             lease: self.settings.jobs.lease(),
             deadlines: self.settings.jobs.deadlines(),
             metrics: self.metrics.clone(),

@@ -135,6 +135,8 @@ pub struct JobSettings {
     pub max_attempts: u32,
     /// `KILN_RETRY_BASE_MS`: the first retry's delay; x4 each time after.
     pub retry_base_ms: u64,
+    /// `KILN_RETRY_MAX_MS`: ... but never more than this between two attempts.
+    pub retry_max_ms: u64,
     /// `KILN_LEASE_MS`: a running attempt's lease (renewed every quarter of it).
     pub lease_ms: u64,
     /// `KILN_HEARTBEAT_MS`: the apalis worker heartbeat (and idle PostgreSQL re-fetch).
@@ -158,6 +160,7 @@ impl Default for JobSettings {
         JobSettings {
             max_attempts: kiln_producer::MAX_ATTEMPTS,
             retry_base_ms: 5_000,
+            retry_max_ms: 600_000,
             lease_ms: 20_000,
             heartbeat_ms: 5_000,
             missed_heartbeats: 3,
@@ -191,6 +194,14 @@ impl Default for ApiSettings {
 impl JobSettings {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
+    }
+
+    /// Delays between attempts.
+    pub fn retry(&self) -> kit_worker::Retry {
+        kit_worker::Retry {
+            base: Duration::from_millis(self.retry_base_ms),
+            max: Duration::from_millis(self.retry_max_ms),
+        }
     }
 
     /// How long one attempt of each kit may run.
@@ -365,6 +376,7 @@ impl Settings {
         let j = &mut self.jobs;
         number(env, "KILN_MAX_ATTEMPTS", &mut j.max_attempts)?;
         number(env, "KILN_RETRY_BASE_MS", &mut j.retry_base_ms)?;
+        number(env, "KILN_RETRY_MAX_MS", &mut j.retry_max_ms)?;
         number(env, "KILN_LEASE_MS", &mut j.lease_ms)?;
         number(env, "KILN_HEARTBEAT_MS", &mut j.heartbeat_ms)?;
         number(env, "KILN_MISSED_HEARTBEATS", &mut j.missed_heartbeats)?;

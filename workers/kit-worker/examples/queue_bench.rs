@@ -84,7 +84,7 @@ fn deps(ledger: &Ledger, dir: &std::path::Path) -> Result<Deps, Error> {
             "http://127.0.0.1:0",
         )?),
         generator: Generator::Studio,
-        retry_base: Duration::from_secs(5),
+        retry: kit_worker::Retry::default(),
         lease: Duration::from_secs(20),
         deadlines: kit_worker::Deadlines::default(),
         metrics: Default::default(),

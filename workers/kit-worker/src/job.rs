@@ -21,8 +21,8 @@ pub struct Deps {
     pub ledger: Ledger,
     pub storage: Storage,
     pub generator: Generator,
-    /// First retry delay; each later one is four times the one before (5 s, 20 s, 80 s ...).
-    pub retry_base: Duration,
+    /// How long a kit waits before its next attempt after a retryable failure.
+    pub retry: Retry,
     /// A running attempt renews its lease on the job every quarter of this; a delivery that
     /// finds the lease live leaves the job alone, and the reconciler repairs jobs whose lease
     /// ran out (their worker died).
@@ -236,7 +236,7 @@ pub async fn run(
             Ok(Outcome::Skipped)
         }
         Err(RunError::Retry { code, message }) if job.attempts < job.max_attempts => {
-            let delay = backoff(deps.retry_base, job.attempts);
+            let delay = deps.retry.delay(job.attempts);
             let now = deps.ledger.ctx().now;
             let run_at = now.plus_millis(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
             let mut tx = deps.ledger.db().begin().await?;
@@ -322,10 +322,31 @@ async fn renew_lease(deps: Deps, id: JobId, fence: Fence, superseded: Arc<Atomic
     }
 }
 
-/// `base` x 4^(attempt - 1), at most an hour.
-pub fn backoff(base: Duration, attempt: u32) -> Duration {
-    let factor = 4u32.saturating_pow(attempt.saturating_sub(1));
-    base.saturating_mul(factor).min(Duration::from_secs(3600))
+/// Delays between attempts: the first `base`, each later one four times the one before
+/// (5 s, 20 s, 80 s ...), never more than `max`. Without the cap, a kit allowed many attempts
+/// waited up to an hour between two (with 12 attempts and a 100 ms base, the eighth retry came
+/// 27 minutes after the seventh failure), its credits held all that time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retry {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Retry {
+    /// The wait after attempt number `attempt` (1 for the first) failed.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 4u32.saturating_pow(attempt.saturating_sub(1));
+        self.base.saturating_mul(factor).min(self.max)
+    }
 }
 
 /// A kit written to storage.
@@ -471,6 +492,29 @@ async fn work(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_delays_grow_four_fold_up_to_their_cap() {
+        let r = Retry {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        let delays: Vec<u128> = (1..=12).map(|a| r.delay(a).as_millis()).collect();
+        assert_eq!(
+            delays,
+            [
+                100, 400, 1600, 2000, 2000, 2000, 2000, 2000, 2000, 2000, 2000, 2000
+            ]
+        );
+        // The production default: 5 s, 20 s, 80 s, 320 s, then 10 minutes at most.
+        let d = Retry::default();
+        assert_eq!(
+            (1..=6).map(|a| d.delay(a).as_secs()).collect::<Vec<_>>(),
+            [5, 20, 80, 320, 600, 600]
+        );
+        // No overflow however many attempts an operator allows.
+        assert_eq!(d.delay(u32::MAX), Duration::from_secs(600));
+    }
 
     /// The renewer of an attempt whose future is dropped (or unwinds from a panic) stops with
     /// it: before, it was aborted only after the attempt returned, and a dropped attempt left it

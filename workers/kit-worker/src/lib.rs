@@ -17,7 +17,7 @@ use kiln_jobs::{KitTask, WorkerName};
 use kiln_ledger::Db;
 use tracing::Instrument;
 
-pub use job::{Deadlines, Deps, Faults, Outcome, backoff};
+pub use job::{Deadlines, Deps, Faults, Outcome, Retry};
 pub use metrics::WorkerMetrics;
 
 #[derive(Clone, Debug)]

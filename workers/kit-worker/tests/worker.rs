@@ -71,7 +71,10 @@ async fn rig(backend: Backend) -> Rig {
             ledger,
             storage,
             generator: Generator::Studio,
-            retry_base: Duration::from_millis(50),
+            retry: kit_worker::Retry {
+                base: Duration::from_millis(50),
+                max: Duration::from_secs(2),
+            },
             lease: Duration::from_secs(10),
             deadlines: kit_worker::Deadlines::default(),
             metrics: Default::default(),
