@@ -171,7 +171,7 @@ impl App {
             storage,
             generator,
             settings,
-            metrics: Arc::new(WorkerMetrics::new()),
+            metrics: Arc::default(),
             audited_at: Arc::default(),
         })
     }

@@ -16,7 +16,7 @@ use crate::Outcome;
 /// Upper bounds of the attempt-duration histogram, in seconds: kits take seconds to minutes.
 const BOUNDS: [f64; 10] = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0];
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerMetrics {
     in_flight: [AtomicI64; 2],
     attempts: Mutex<BTreeMap<(Kit, &'static str), Histogram>>,
@@ -49,13 +49,22 @@ impl Drop for InFlight<'_> {
     }
 }
 
-impl WorkerMetrics {
-    pub fn new() -> WorkerMetrics {
-        let m = WorkerMetrics::default();
-        m.audit_breaches.store(-1, Ordering::Relaxed);
-        m
+/// The one way to start: nothing counted, and no audit run yet (-1, not a clean 0).
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        WorkerMetrics {
+            in_flight: Default::default(),
+            attempts: Mutex::default(),
+            retries: Mutex::default(),
+            hand_backs: AtomicU64::new(0),
+            maintenance: Mutex::default(),
+            audit_breaches: AtomicI64::new(-1),
+            audits: AtomicU64::new(0),
+        }
     }
+}
 
+impl WorkerMetrics {
     pub fn enter(&self, kit: Kit) -> InFlight<'_> {
         let g = &self.in_flight[slot(kit)];
         g.fetch_add(1, Ordering::Relaxed);
