@@ -144,6 +144,9 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
         // at 200 ms a loaded machine saw attempts 3 and 4 (3.2 and 12.8 s) and the one after
         // could be 51 s away, past the deadline.
         ("KILN_RETRY_BASE_MS", "50"),
+        // The tests' usual 2 s cap would flatten the delays from the fourth attempt on (a
+        // loaded machine first saw attempts 4 and 5, both 2 s); 15 s lets five of them grow.
+        ("KILN_RETRY_MAX_MS", "15000"),
     ];
     let storage = Path::new("s3://kiln-test");
     let cmd = |max_attempts: &str| {
@@ -201,8 +204,16 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
         delays.len() >= 2
     });
     println!("retry delays by attempt: {delays:?}");
+    // Four-fold per attempt from 50 ms, capped at 15 s: 50, 200, 800, 3200, 12800, 15000, ...
+    for &(attempt, delay) in &delays {
+        let grown = 50 * 4i64.saturating_pow(attempt - 1);
+        assert_eq!(delay, grown.min(15_000), "delay after attempt {attempt}: {delays:?}");
+    }
     for pair in delays.windows(2) {
-        assert!(pair[1].1 > pair[0].1, "delays must grow: {delays:?}");
+        assert!(
+            pair[1].1 > pair[0].1 || pair[0].1 == 15_000,
+            "delays must grow up to their cap: {delays:?}"
+        );
     }
     assert_eq!(
         field(
