@@ -4,7 +4,8 @@
 //! per cut-out (colour alone, learned + colour): IoU, the share of the product lost to
 //! transparency, edge fringe and the median time of `runs` runs (decode, cut out, encode the
 //! RGBA PNG: what a kit's `photos/cutout.png` costs), single-threaded. It also writes each cut-out over a
-//! dark velvet green (`NAME-METHOD-velvet.png`), to be looked at.
+//! dark velvet green (`NAME-METHOD-velvet.png`), to be looked at. `CUTOUT_ONLY=NAME,...` limits
+//! it to those photos, and `CUTOUT_METHODS=learned` to that cut-out, for quick turns when tuning.
 
 use std::time::Instant;
 
@@ -34,7 +35,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         model.source
     );
     println!("photo method iou transparent fringe ms");
-    for name in photoset::NAMES {
+    let only = std::env::var("CUTOUT_ONLY").unwrap_or_default();
+    let methods = std::env::var("CUTOUT_METHODS").unwrap_or_default();
+    let chosen = |list: &str, item: &str| list.is_empty() || list.split(',').any(|s| s == item);
+    for name in photoset::NAMES
+        .into_iter()
+        .filter(|n| chosen(only.as_str(), n))
+    {
         let p = photoset::photo(name, downscale).ok_or("unknown photo")?;
         std::fs::write(out.join(format!("{name}.jpg")), &p.jpeg)?;
         GrayImage::from_fn(p.width, p.height, |x, y| {
@@ -42,6 +49,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .save(out.join(format!("{name}-truth.png")))?;
         for (method, m) in [("colour", None), ("learned", Some(&model))] {
+            if !chosen(methods.as_str(), method) {
+                continue;
+            }
             let mut times = Vec::new();
             let mut last = None;
             for _ in 0..runs.max(1) {

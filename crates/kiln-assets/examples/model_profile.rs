@@ -1,7 +1,7 @@
-//! Where the cut-out model's time goes: `model_profile [side]` runs U²-Net-p (the vendored
+//! Where the cut-out model's time goes: `model_profile [side] [tract-resize]` runs U²-Net-p (the vendored
 //! file) three times at `side` (320 by default) and prints the time per kind of operation of
-//! the last run. Run it single-threaded (`taskset -c 0`); tract's knobs apply
-//! (`TRACT_DISABLE_DIRECT_SPATIAL=1`, as kiln sets it).
+//! the last run. Run it single-threaded (`taskset -c 0`). The plan is kiln's
+//! (`salient::plan`); tract's other knobs apply from the environment.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -9,11 +9,20 @@ use tract_onnx::prelude::*;
 fn main() -> TractResult<()> {
     let bytes = std::fs::read("crates/kiln-assets/models/u2netp.onnx")?;
     let side: usize = std::env::args().nth(1).map_or(Ok(320), |s| s.parse())?;
-    let plan = tract_onnx::onnx()
-        .model_for_read(&mut &bytes[..])?
-        .with_input_fact(0, f32::fact([1, 3, side, side]).into())?
-        .into_optimized()?
-        .into_runnable()?;
+    // As kiln loads it: its knobs, and its own upsampling in place of tract's `Resize`; with
+    // `tract-resize` as a second argument, tract's `Resize` kept, to compare.
+    let plan = if std::env::args().nth(2).as_deref() == Some("tract-resize") {
+        tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?
+            .enter(|| {
+            tract_onnx::onnx()
+                .model_for_read(&mut &bytes[..])?
+                .with_input_fact(0, f32::fact([1, 3, side, side]).into())?
+                .into_optimized()?
+                .into_runnable()
+        })?
+    } else {
+        kiln_assets::salient::plan(&bytes, side)?
+    };
     let input: Tensor = tract_ndarray::Array4::<f32>::from_elem((1, 3, side, side), 0.3).into();
     let mut state = tract_onnx::tract_core::plan::SimpleState::new(&plan)?;
     let mut times: HashMap<String, (f64, usize)> = HashMap::new();
