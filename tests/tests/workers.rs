@@ -207,7 +207,11 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
     // Four-fold per attempt from 50 ms, capped at 15 s: 50, 200, 800, 3200, 12800, 15000, ...
     for &(attempt, delay) in &delays {
         let grown = 50 * 4i64.saturating_pow(attempt - 1);
-        assert_eq!(delay, grown.min(15_000), "delay after attempt {attempt}: {delays:?}");
+        assert_eq!(
+            delay,
+            grown.min(15_000),
+            "delay after attempt {attempt}: {delays:?}"
+        );
     }
     for pair in delays.windows(2) {
         assert!(

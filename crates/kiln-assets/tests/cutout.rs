@@ -123,7 +123,9 @@ fn detail_crops_are_mostly_product() {
 }
 
 /// At the photos' full phone resolution, the pieces the learned matte already handles meet the
-/// issue's IoU bar (0.95); silver on grey and the thin hoop do not yet (docs/ASSETS.md).
+/// issue's bars (IoU 0.95, at most 1% of the product transparent; the pearls' shaded rims made
+/// 1.37% before the mask's fringe had to be a shade of the sweep); silver on grey and the thin
+/// hoop do not yet (docs/ASSETS.md).
 #[test]
 fn at_phone_resolution_pale_stones_pearls_and_filigree_reach_the_iou_bar() {
     let model = salient::active().expect("model");
@@ -143,7 +145,7 @@ fn at_phone_resolution_pale_stones_pearls_and_filigree_reach_the_iou_bar() {
         );
         assert!(s.iou >= 0.95, "{name}: IoU {:.4}", s.iou);
         assert!(
-            s.transparent <= 0.02,
+            s.transparent <= 0.01,
             "{name}: {:.4} transparent",
             s.transparent
         );

@@ -13,6 +13,8 @@ pub const SURE: u8 = 128;
 /// Below this the learned mask says backdrop, and colour alone decides (thin chains and hooks
 /// the coarse mask misses).
 const LOW: u8 = 40;
+/// Saliency below this is no trace of the product at all.
+const TRACE: u8 = 16;
 
 /// The part of the upload the product is in.
 #[derive(Clone, Copy, Debug)]
@@ -357,8 +359,15 @@ pub fn matte(
         .collect();
     let opened = morph(&morph(&shaded, w, h, r, true), w, h, r, false);
     let min_area = ((long / 200).max(4)).pow(2);
+    // Where the mask says backdrop and colour agrees. On the mask's fringe (saliency above a
+    // trace) colour must say the sweep or a shade of it: a pearl's rosy rim beside its own
+    // shadow is close to the sweep in colour distance, but tinted.
     let mut backdrop: Vec<bool> = (0..w * h)
-        .map(|i| saliency[i] < LOW && colour_alpha[i] < 128)
+        .map(|i| {
+            saliency[i] < LOW
+                && colour_alpha[i] < 128
+                && (saliency[i] < TRACE || near[i] || shade_of_sweep(i))
+        })
         .collect();
     let mut stage: Vec<u8> = backdrop.iter().map(|&b| u8::from(b)).collect();
     // Backdrop reached from a hole (not from around the piece).
@@ -458,7 +467,8 @@ pub fn matte(
                 .fold(0.0, f32::max);
             if off <= tol && shade_of_sweep(j) {
                 backdrop[j] = true;
-                stage[j] = 5;
+                hole[j] = hole[i];
+                stage[j] = if hole[i] { 6 } else { 5 };
                 dist[j] = dist[i] + 1;
                 origin[j] = [0, 1, 2].map(|c| origin[i][c] + (p[c] - origin[i][c]) * follow);
                 queue.push_back(j);
@@ -467,8 +477,8 @@ pub fn matte(
     }
     // A developer's view of the decision (red: backdrop, green: flat, blue: saliency) and of
     // which step took each backdrop pixel (grey: around the piece, red: a hole or open
-    // backdrop, orange: flooded from a hole, green: flooded from around, blue: the reach
-    // towards the edge), for tuning on the test set: `KILN_MATTE_DEBUG=DIR cutout_eval OUT`.
+    // backdrop, orange: flooded from a hole, green: flooded from around, blue and light blue:
+    // the reach towards the edge, from around and from a hole), for tuning on the test set: `KILN_MATTE_DEBUG=DIR cutout_eval OUT`.
     if let Ok(dir) = std::env::var("KILN_MATTE_DEBUG") {
         #[allow(clippy::cast_possible_truncation)]
         let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
@@ -487,6 +497,7 @@ pub fn matte(
             [255, 150, 0],
             [0, 160, 0],
             [0, 0, 255],
+            [0, 200, 255],
         ];
         let st = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
             let i = y as usize * w + x as usize;
