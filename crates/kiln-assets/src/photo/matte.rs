@@ -475,10 +475,38 @@ pub fn matte(
             }
         }
     }
+    // When colour alone finds nearly all of what the matte keeps (gold, coloured stones: the
+    // piece is nowhere a shade of the sweep), colour's shadow model can be trusted inside the
+    // holes too: from a hole, the backdrop takes every neutral shade the colour cut-out calls
+    // backdrop, however dark or steep (the shadow a hoop casts inside its own opening). Where
+    // colour misses much of the piece (silver on grey, pearls) this would eat the piece, and
+    // it does not run.
+    let kept = backdrop.iter().filter(|&&b| !b).count();
+    let by_colour = (0..w * h)
+        .filter(|&i| !backdrop[i] && colour_alpha[i] >= 128)
+        .count();
+    if kept > 0 && by_colour * 10 >= kept * 9 {
+        let neutral_shade = |i: usize| {
+            let (lo, hi, _, brighter) = ratios(i);
+            !brighter && hi - lo <= neutral && colour_alpha[i] < 128
+        };
+        stack.extend((0..w * h).filter(|&i| hole[i]));
+        while let Some(i) = stack.pop() {
+            for j in neighbours(i, w, h) {
+                if !backdrop[j] && neutral_shade(j) {
+                    backdrop[j] = true;
+                    hole[j] = true;
+                    stage[j] = 7;
+                    stack.push(j);
+                }
+            }
+        }
+    }
     // A developer's view of the decision (red: backdrop, green: flat, blue: saliency) and of
     // which step took each backdrop pixel (grey: around the piece, red: a hole or open
     // backdrop, orange: flooded from a hole, green: flooded from around, blue and light blue:
-    // the reach towards the edge, from around and from a hole), for tuning on the test set: `KILN_MATTE_DEBUG=DIR cutout_eval OUT`.
+    // the reach towards the edge, from around and from a hole, purple: colour's shadow in a
+    // hole), for tuning on the test set: `KILN_MATTE_DEBUG=DIR cutout_eval OUT`.
     if let Ok(dir) = std::env::var("KILN_MATTE_DEBUG") {
         #[allow(clippy::cast_possible_truncation)]
         let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
@@ -498,6 +526,7 @@ pub fn matte(
             [0, 160, 0],
             [0, 0, 255],
             [0, 200, 255],
+            [200, 0, 200],
         ];
         let st = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
             let i = y as usize * w + x as usize;
