@@ -258,8 +258,13 @@ pub fn matte(
             let (x, y) = (i % w, i / w);
             let (xa, xb) = (x.saturating_sub(span), (x + span).min(w - 1));
             let (ya, yb) = (y.saturating_sub(span), (y + span).min(h - 1));
-            (mean_luma(xb, y) - mean_luma(xa, y)).abs()
-                + (mean_luma(x, yb) - mean_luma(x, ya)).abs()
+            // Each side on its own: across a ridge (the middle of a rounded band) the two
+            // sides rise alike and a difference across it would read flat.
+            let here = mean_luma(x, y);
+            (mean_luma(xb, y) - here).abs()
+                + (here - mean_luma(xa, y)).abs()
+                + (mean_luma(x, yb) - here).abs()
+                + (here - mean_luma(x, ya)).abs()
         })
         .collect();
     let flat: Vec<bool> = slope.iter().map(|&s| s < flat_below).collect();
