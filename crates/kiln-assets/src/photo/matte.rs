@@ -312,9 +312,10 @@ pub fn matte(
     // differ by more than this.
     #[allow(clippy::cast_possible_truncation)]
     let neutral = 0.025 + (surface.grain / 200.0) as f32;
-    // (lowest, highest, mean) ratio of a pixel's channels to the sweep's, and whether it is
-    // brighter than the sweep by more than its grain.
-    let ratios = |i: usize| {
+    // A neutral shade of the sweep: no brighter than it by more than its grain, and every
+    // channel darkened alike (within `neutral`); then how dark, as the mean ratio of the
+    // pixel's channels to the sweep's.
+    let shade = |i: usize| -> Option<f32> {
         let (x, y) = (i % w, i / w);
         let p = smooth[i];
         let b = back(x, y);
@@ -325,28 +326,22 @@ pub fn matte(
             .fold((f32::MAX, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         #[allow(clippy::cast_precision_loss)]
         let brighter = (0..3).any(|c| p[c] as f32 > b[c] + above);
-        (lo, hi, (r[0] + r[1] + r[2]) / 3.0, brighter)
+        (!brighter && hi - lo <= neutral).then_some((r[0] + r[1] + r[2]) / 3.0)
     };
     // How dark the piece's cast shadow gets, read where it is certainly shadow (around the
     // piece, where the mask says backdrop): a shadow seen through a hole is no darker, and the
     // dark side of a silver band on grey usually is.
-    let mut shade: Vec<f32> = (0..w * h)
+    let mut shadows: Vec<f32> = (0..w * h)
         .filter(|&i| saliency[i] < LOW && colour_alpha[i] < 128)
-        .filter_map(|i| {
-            let (lo, hi, mean, brighter) = ratios(i);
-            (!brighter && hi - lo <= neutral && mean < 0.97).then_some(mean)
-        })
+        .filter_map(|i| shade(i).filter(|&mean| mean < 0.97))
         .collect();
-    shade.sort_by(f32::total_cmp);
-    let darkest = if shade.len() >= 64 {
-        shade[shade.len() / 50] - 0.04
+    shadows.sort_by(f32::total_cmp);
+    let darkest = if shadows.len() >= 64 {
+        shadows[shadows.len() / 50] - 0.04
     } else {
         0.85
     };
-    let shade_of_sweep = |i: usize| {
-        let (lo, hi, mean, brighter) = ratios(i);
-        !brighter && hi - lo <= neutral && mean >= darkest
-    };
+    let shade_of_sweep = |i: usize| shade(i).is_some_and(|mean| mean >= darkest);
     // (Below:) from the seeds, the backdrop floods into neighbours that continue it: a step no larger
     // than its grain (a cast shadow darkens the sweep gradually; the edge of a piece, even
     // silver on grey, is a step), and always a shade of the sweep (never brighter than it by
@@ -491,10 +486,7 @@ pub fn matte(
         .filter(|&i| !backdrop[i] && colour_alpha[i] >= 128)
         .count();
     if kept > 0 && by_colour * 10 >= kept * 9 {
-        let neutral_shade = |i: usize| {
-            let (lo, hi, _, brighter) = ratios(i);
-            !brighter && hi - lo <= neutral && colour_alpha[i] < 128
-        };
+        let neutral_shade = |i: usize| colour_alpha[i] < 128 && shade(i).is_some();
         stack.extend((0..w * h).filter(|&i| hole[i]));
         while let Some(i) = stack.pop() {
             for j in neighbours(i, w, h) {

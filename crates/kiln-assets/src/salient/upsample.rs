@@ -17,10 +17,13 @@ pub struct Upsample {
     pub factor: usize,
 }
 
+/// An output pixel's two taps: (index offset, weight).
+type Taps = [(isize, f32); 2];
+
 /// The two taps (index offset, weight) of each phase `r` in `0..factor`: output `factor * i + r`
 /// is `w0 * in[i + o0] + w1 * in[i + o1]`, offsets -1, 0 or 1.
 #[allow(clippy::cast_precision_loss)]
-fn taps(factor: usize) -> Vec<[(isize, f32); 2]> {
+fn taps(factor: usize) -> Vec<Taps> {
     (0..factor)
         .map(|r| {
             let d = (r as f32 + 0.5) / factor as f32 - 0.5;
@@ -38,22 +41,22 @@ fn clamp(i: usize, offset: isize, len: usize) -> usize {
     i.saturating_add_signed(offset).min(len - 1)
 }
 
-/// One `h` x `w` plane upsampled into `out` (`h * factor` rows of `w * factor`), through
-/// `rows` (`h` rows of `w * factor`, scratch).
-fn plane(src: &[f32], w: usize, h: usize, factor: usize, rows: &mut [f32], out: &mut [f32]) {
-    let taps = taps(factor);
+/// One `h` x `w` plane upsampled by `taps.len()` into `out` (`h * factor` rows of
+/// `w * factor`), through `rows` (`h` rows of `w * factor`, scratch).
+fn plane(src: &[f32], w: usize, h: usize, taps: &[Taps], rows: &mut [f32], out: &mut [f32]) {
+    let factor = taps.len();
     let ow = w * factor;
     // Along each row: the taps are fixed per phase.
     for (row, dst) in src.chunks_exact(w).zip(rows.chunks_exact_mut(ow)) {
         for (i, cell) in dst.chunks_exact_mut(factor).enumerate() {
-            for (v, [(o0, w0), (o1, w1)]) in cell.iter_mut().zip(&taps) {
+            for (v, [(o0, w0), (o1, w1)]) in cell.iter_mut().zip(taps) {
                 *v = w0 * row[clamp(i, *o0, w)] + w1 * row[clamp(i, *o1, w)];
             }
         }
     }
     // Down the columns: each output row is a weighted sum of two whole rows.
     for (j, band) in out.chunks_exact_mut(ow * factor).enumerate() {
-        for (dst, [(o0, w0), (o1, w1)]) in band.chunks_exact_mut(ow).zip(&taps) {
+        for (dst, [(o0, w0), (o1, w1)]) in band.chunks_exact_mut(ow).zip(taps) {
             let a = &rows[clamp(j, *o0, h) * ow..][..ow];
             let b = &rows[clamp(j, *o1, h) * ow..][..ow];
             for ((d, a), b) in dst.iter_mut().zip(a).zip(b) {
@@ -91,12 +94,13 @@ impl EvalOp for Upsample {
         let src = src.as_slice::<f32>()?;
         let mut out = vec![0f32; src.len() * f * f];
         let mut rows = vec![0f32; h * w * f];
+        let taps = taps(f);
         if h * w > 0 {
             for (s, o) in src
                 .chunks_exact(h * w)
                 .zip(out.chunks_exact_mut(h * w * f * f))
             {
-                plane(s, w, h, f, &mut rows, o);
+                plane(s, w, h, &taps, &mut rows, o);
             }
         }
         let out = tract_ndarray::ArrayD::from_shape_vec(&out_shape[..], out)?.into_tensor();
