@@ -101,6 +101,46 @@ fn ping_when_idle<DB: sqlx::Database>(
         })
 }
 
+/// Whether a PostgreSQL session is outside any transaction: a statement sent alone (the simple
+/// query protocol, one message) starts its own transaction at its own start, so the two
+/// timestamps differ only when an earlier statement began the transaction. (Sent as a prepared
+/// statement they always differ: its parse and its execution are separate messages.)
+const OUTSIDE_TRANSACTION: &str = "SELECT now() = statement_timestamp()";
+
+/// A connection that comes back to the pool inside a transaction is closed, not lent again:
+/// sqlx only queues a rollback for transactions it knows began, and a `Pool::begin` dropped
+/// while its `BEGIN` is in flight leaves one it does not (sqlx 0.9.0; transact-rs/sqlx#4393).
+/// The next borrower's statements would run inside it, hold their locks and never commit.
+/// kiln's own `begin` cannot be dropped half-way (`begin_pg`); this covers anything else that
+/// begins on the pool (apalis). One round trip per release, off the borrower's path.
+fn close_if_in_transaction(opts: PgPoolOptions) -> PgPoolOptions {
+    opts.after_release(|conn, _| {
+        Box::pin(async move {
+            let row = sqlx::raw_sql(sqlx::AssertSqlSafe(OUTSIDE_TRANSACTION))
+                .fetch_one(&mut *conn)
+                .await?;
+            let outside: bool = sqlx::Row::try_get(&row, 0)?;
+            if !outside {
+                tracing::warn!("a pooled connection came back inside a transaction; closed");
+            }
+            Ok(outside)
+        })
+    })
+}
+
+/// `pool.begin()` on a task of its own, so it runs to the end whatever becomes of the caller: a
+/// caller dropped while the `BEGIN` is in flight (an aborted lease renewer, an attempt past its
+/// deadline, a client that hung up) leaves a whole transaction behind, and a whole transaction
+/// dropped rolls back. `pool.begin()` dropped half-way leaves its connection inside a
+/// transaction nothing will end (see `close_if_in_transaction`).
+async fn begin_pg(pool: &PgPool) -> Result<Transaction<'static, Postgres>, LedgerError> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.begin().await })
+        .await
+        .map_err(|e| LedgerError::Database(sqlx::Error::Io(std::io::Error::other(e))))?
+        .map_err(LedgerError::from)
+}
+
 impl Backend {
     pub fn of_url(url: &str) -> Result<Backend, LedgerError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -123,7 +163,7 @@ impl Db {
     pub async fn connect_with(url: &str, opts: &DbOptions) -> Result<Db, LedgerError> {
         match Backend::of_url(url)? {
             Backend::Postgres => Ok(Db::Postgres(
-                ping_when_idle(PgPoolOptions::new())
+                close_if_in_transaction(ping_when_idle(PgPoolOptions::new()))
                     .max_connections(opts.max_connections)
                     .acquire_timeout(opts.acquire_timeout)
                     .connect(url)
@@ -236,7 +276,7 @@ impl Db {
     /// reader tries to upgrade.
     pub async fn begin(&self) -> Result<Tx, LedgerError> {
         Ok(match self {
-            Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Db::Postgres(pool) => Tx::Postgres(begin_pg(pool).await?),
             Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
         })
     }
@@ -244,7 +284,7 @@ impl Db {
     /// Begins a read-only transaction (a consistent snapshot; never blocks writers on SQLite).
     pub async fn begin_read(&self) -> Result<Tx, LedgerError> {
         Ok(match self {
-            Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Db::Postgres(pool) => Tx::Postgres(begin_pg(pool).await?),
             Db::Sqlite(pool) => Tx::Sqlite(pool.begin().await?),
         })
     }
