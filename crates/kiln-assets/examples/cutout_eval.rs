@@ -7,6 +7,10 @@
 //! dark velvet green (`NAME-METHOD-velvet.png`), to be looked at. `CUTOUT_ONLY=NAME,...` limits
 //! it to those photos, and `CUTOUT_METHODS=learned` to that cut-out, for quick turns when tuning.
 
+/// As in the kiln binary: the model's large tensors are reused, not faulted in afresh.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use image::{GrayImage, Luma, Rgb, RgbImage};

@@ -4,6 +4,10 @@
 //! Every run runs the cut-out model afresh (the masks a process keeps are forgotten first);
 //! `model` is the model alone, on the upload shrunk for it.
 
+/// As in the kiln binary: the model's large tensors are reused, not faulted in afresh.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use kiln_assets::photo::{self, MASTER_FILL, MASTER_SIDE};
@@ -51,11 +55,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     println!("model {alone:.1}");
     for kit in [Kit::Essentials, Kit::Caratzon] {
+        // Each step's time, from one progress report to the next.
+        let mut steps: Vec<(&str, Vec<f64>)> = Vec::new();
         let ms = median_ms(runs, || {
             salient::forget_recent();
-            std::hint::black_box(generate(&upload, &spec, kit, &mut |_| {}).expect("kit"));
+            let mut last: Option<(&str, Instant)> = None;
+            let mut lap = |name: &'static str| {
+                let now = Instant::now();
+                if let Some((prev, t)) = last.replace((name, now)) {
+                    let ms = (now - t).as_secs_f64() * 1000.0;
+                    match steps.iter_mut().find(|(n, _)| *n == prev) {
+                        Some((_, v)) => v.push(ms),
+                        None => steps.push((prev, vec![ms])),
+                    }
+                }
+            };
+            let assets = generate(&upload, &spec, kit, &mut |s| lap(s.name)).expect("kit");
+            lap("end");
+            std::hint::black_box(assets);
         });
         println!("{kit} {ms:.1}");
+        for (name, mut v) in steps {
+            v.sort_by(f64::total_cmp);
+            println!("{kit}.{} {:.1}", name.replace(' ', "_"), v[v.len() / 2]);
+        }
     }
     Ok(())
 }

@@ -3,6 +3,10 @@
 //! the last run. Run it single-threaded (`taskset -c 0`). The plan is kiln's
 //! (`salient::plan`); tract's other knobs apply from the environment.
 
+/// As in the kiln binary: the model's large tensors are reused, not faulted in afresh.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashMap;
 use std::time::Instant;
 use tract_onnx::prelude::*;
