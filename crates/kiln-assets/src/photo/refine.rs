@@ -133,20 +133,21 @@ pub(super) fn refine(img: &impl Pixels, small: &RgbaImage, low: &Masked, k: u32)
         let first = s as usize;
         (first, (first + 1).min(n - 1), s.fract())
     };
+    // Worked out once per column, not once per pixel.
+    let columns: Vec<(usize, usize, f32)> = (0..fw).map(|x| between(x, lw)).collect();
     for y in 0..fh {
         let (y0, y1, ty) = between(y, lh);
-        for x in 0..fw {
-            let (x0, x1, tx) = between(x, lw);
+        for (x, &(x0, x1, tx)) in columns.iter().enumerate() {
             let (a00, a10, a01, a11) = (at(x0, y0), at(x1, y0), at(x0, y1), at(x1, y1));
+            if a00.max(a10).max(a01).max(a11) <= 0.0 {
+                continue;
+            }
             let i = y * fw + x;
             #[allow(clippy::cast_possible_truncation)]
             let p = img.rgba(fx0 + x as u32, fy0 + y as u32);
             if a00.min(a10).min(a01).min(a11) >= 1.0 {
                 alpha[i] = p[3];
                 colour[i] = [p[0], p[1], p[2]];
-                continue;
-            }
-            if a00.max(a10).max(a01).max(a11) <= 0.0 {
                 continue;
             }
             let u = (a00 * (1.0 - tx) + a10 * tx) * (1.0 - ty) + (a01 * (1.0 - tx) + a11 * tx) * ty;
