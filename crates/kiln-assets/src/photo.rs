@@ -16,6 +16,8 @@ pub trait Pixels {
     fn dimensions(&self) -> (u32, u32);
     /// RGBA at (`x`, `y`); opaque for RGB sources.
     fn rgba(&self, x: u32, y: u32) -> [u8; 4];
+    /// The pixels row by row, and how many channels each has (3: RGB, 4: RGBA).
+    fn raw(&self) -> (&[u8], usize);
 }
 
 impl Pixels for RgbImage {
@@ -28,6 +30,10 @@ impl Pixels for RgbImage {
         let [r, g, b] = self.get_pixel(x, y).0;
         [r, g, b, 255]
     }
+
+    fn raw(&self) -> (&[u8], usize) {
+        (self.as_raw(), 3)
+    }
 }
 
 impl Pixels for RgbaImage {
@@ -38,6 +44,10 @@ impl Pixels for RgbaImage {
     #[inline]
     fn rgba(&self, x: u32, y: u32) -> [u8; 4] {
         self.get_pixel(x, y).0
+    }
+
+    fn raw(&self) -> (&[u8], usize) {
+        (self.as_raw(), 4)
     }
 }
 
@@ -198,31 +208,37 @@ fn cut_out_learned(
     trim(img, full, Method::LearnedAndColour)
 }
 
-/// `img` shrunk by `k` in each direction, each pixel the mean of its `k`x`k` block.
+/// `img` shrunk by `k` in each direction, each pixel the mean of its `k`x`k` block (read a row
+/// at a time from the decoder's buffer: a 12-megapixel upload is read once).
 fn shrink(img: &impl Pixels, k: u32) -> RgbaImage {
     let (w, h) = img.dimensions();
+    let (raw, channels) = img.raw();
     let (sw, sh) = (w.div_ceil(k), h.div_ceil(k));
-    let mut sums = vec![[0u32; 5]; sw as usize];
+    let (k, stride) = (k as usize, w as usize * channels);
+    let mut sums = vec![[0u32; 4]; sw as usize];
     let mut out = RgbaImage::new(sw, sh);
-    for sy in 0..sh {
-        sums.iter_mut().for_each(|s| *s = [0; 5]);
-        for y in sy * k..((sy + 1) * k).min(h) {
-            for x in 0..w {
-                let p = img.rgba(x, y);
-                let s = &mut sums[(x / k) as usize];
-                for c in 0..4 {
-                    s[c] += u32::from(p[c]);
+    for (sy, rows) in raw[..stride * h as usize].chunks(stride * k).enumerate() {
+        sums.iter_mut().for_each(|s| *s = [0; 4]);
+        let n_rows = rows.len() / stride;
+        for row in rows.chunks_exact(stride) {
+            for (s, block) in sums.iter_mut().zip(row.chunks(k * channels)) {
+                for p in block.chunks_exact(channels) {
+                    s[0] += u32::from(p[0]);
+                    s[1] += u32::from(p[1]);
+                    s[2] += u32::from(p[2]);
+                    s[3] += p.get(3).map_or(255, |&a| u32::from(a));
                 }
-                s[4] += 1;
             }
         }
         for (sx, s) in sums.iter().enumerate() {
-            let n = s[4].max(1);
+            let n = u32::try_from(n_rows * k.min(w as usize - sx * k))
+                .unwrap_or(1)
+                .max(1);
             #[allow(clippy::cast_possible_truncation)]
             out.put_pixel(
                 sx as u32,
-                sy,
-                Rgba([0, 1, 2, 3].map(|c| u8::try_from((s[c] + n / 2) / n).unwrap_or(255))),
+                sy as u32,
+                Rgba(s.map(|v| u8::try_from((v + n / 2) / n).unwrap_or(255))),
             );
         }
     }
