@@ -77,14 +77,3 @@ async fn a_dropped_db_begin_leaves_no_transaction_open() {
     .await;
     assert_eq!(sessions, 1, "a dropped begin cost its connection");
 }
-
-/// The same through the pool itself, as apalis begins its own transactions on the pool kiln
-/// hands it: a connection returned inside a transaction is closed, not lent again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_returned_inside_a_transaction_is_not_lent_again() {
-    let sessions = writes_stay_committed_after_dropped_begins(|db| async move {
-        let _ = pool(&db).begin().await;
-    })
-    .await;
-    println!("{sessions} sessions for 40 rounds");
-}
