@@ -73,11 +73,41 @@ fn engine_running_tasks(db: &str, storage: &std::path::Path) -> u64 {
         .sum()
 }
 
-fn wait_for(what: &str, deadline: Instant, mut done: impl FnMut() -> bool) {
+fn wait_for(what: &str, deadline: Instant, done: impl FnMut() -> bool) {
+    wait_or_explain(what, deadline, done, String::new);
+}
+
+/// [`wait_for`], with `explain()` (the job's row, the worker's log ...) in the timeout's message.
+fn wait_or_explain(
+    what: &str,
+    deadline: Instant,
+    mut done: impl FnMut() -> bool,
+    explain: impl FnOnce() -> String,
+) {
     while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            panic!("timed out waiting for {what}\n{}", explain());
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The job's row and the last `lines` lines of `log`, for a timeout's message.
+fn job_and_log(db: &str, id: &str, log: &Path, lines: usize) -> String {
+    let row = field(
+        db,
+        id,
+        "status || ' attempts=' || attempts || ' fence=' || fence || ' error=' || \
+         COALESCE(error_code, '-') || ' run_at-now=' || (run_at_ms - \
+         (extract(epoch from clock_timestamp()) * 1000)::bigint)",
+    );
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    format!(
+        "job {id}: {row}\nworker log (last {lines} lines):\n{}",
+        tail.join("\n")
+    )
 }
 
 #[test]
@@ -231,9 +261,12 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
     s3.start_again();
     // Its own deadline: the next attempt is one backoff away from the last one seen.
     let deadline = Instant::now() + Duration::from_secs(120);
-    wait_for("the patient job to succeed", deadline, || {
-        field(&pg.url, &patient, "status") == "succeeded"
-    });
+    wait_or_explain(
+        "the patient job to succeed",
+        deadline,
+        || field(&pg.url, &patient, "status") == "succeeded",
+        || job_and_log(&pg.url, &patient, &log, 80),
+    );
     assert_eq!(
         field(
             &pg.url,
