@@ -264,63 +264,165 @@ fn s3s_fs_binary() -> PathBuf {
 }
 
 /// An s3s-fs process (a real S3-protocol server that checks SigV4) serving a scratch directory
-/// with a `kiln-test` bucket; killed on drop. `stop` and `start_again` simulate an outage.
+/// with a `kiln-test` bucket, behind a port this process holds for the server's whole life;
+/// killed on drop. `stop` and `start_again` simulate an outage: while it is down, every
+/// connection is cut (open ones at once, new ones as they arrive), and none reaches s3s-fs.
+///
+/// The outage used to stop s3s-fs itself and start it again on the same port. While it was
+/// down the port was free, and anything else on the machine could take it — another test's
+/// server, or the local end of an outgoing connection, which also made the new s3s-fs fail to
+/// bind — and the wait for the port then found the wrong listener: the worker kept talking to
+/// something that was not its S3, and the storage-outage test timed out. Holding the port
+/// closes that gap.
 #[derive(Debug)]
 pub struct S3Server {
-    child: Option<Child>,
-    port: u16,
+    child: Child,
     pub endpoint: String,
     pub dir: Scratch,
+    gate: std::sync::Arc<Gate>,
+    port: u16,
+}
+
+/// What the front port does with connections: forward them to s3s-fs, or cut them.
+#[derive(Debug, Default)]
+struct Gate {
+    down: std::sync::atomic::AtomicBool,
+    closed: std::sync::atomic::AtomicBool,
+    /// Both ends of every forwarded connection still open, by connection.
+    open: std::sync::Mutex<std::collections::HashMap<u64, [std::net::TcpStream; 2]>>,
+}
+
+impl Gate {
+    fn cut_all(&self) {
+        for (_, ends) in self.open.lock().expect("open").drain() {
+            for e in ends {
+                let _ = e.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// Accepts on `front` until the gate closes, forwarding each connection to `backend` while
+/// the gate is up and dropping it at once while it is down.
+fn serve_front(front: &TcpListener, backend: u16, gate: &std::sync::Arc<Gate>) {
+    use std::sync::atomic::Ordering;
+    for (n, conn) in (0u64..).zip(front.incoming()) {
+        if gate.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(client) = conn else { continue };
+        if gate.down.load(Ordering::SeqCst) {
+            drop(client);
+            continue;
+        }
+        let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", backend)) else {
+            continue;
+        };
+        let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) = (
+            client.try_clone(),
+            server.try_clone(),
+            client.try_clone(),
+            server.try_clone(),
+        ) else {
+            continue;
+        };
+        gate.open.lock().expect("open").insert(n, [c3, s3]);
+        for (mut from, mut to) in [(client, server), (s2, c2)] {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                let _ = from.shutdown(std::net::Shutdown::Read);
+                gate.open.lock().expect("open").remove(&n);
+            });
+        }
+    }
 }
 
 impl S3Server {
     pub fn start() -> S3Server {
         let dir = Scratch::new();
         std::fs::create_dir_all(dir.0.join("kiln-test")).expect("bucket dir");
-        let port = free_port();
-        let mut s = S3Server {
-            child: None,
-            port,
+        let (child, backend) = start_s3s_fs(&dir.0);
+        let front = TcpListener::bind("127.0.0.1:0").expect("front port");
+        let port = front.local_addr().expect("front address").port();
+        let gate = std::sync::Arc::new(Gate::default());
+        let g = gate.clone();
+        std::thread::spawn(move || serve_front(&front, backend, &g));
+        S3Server {
+            child,
             endpoint: format!("http://127.0.0.1:{port}"),
             dir,
-        };
-        s.start_again();
-        s
+            gate,
+            port,
+        }
     }
 
-    /// Starts the server again on the same port and directory.
+    /// Ends the outage: connections reach s3s-fs again.
     pub fn start_again(&mut self) {
-        let child = Command::new(s3s_fs_binary())
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+        self.gate
+            .down
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Starts an outage: open connections are cut, new ones are dropped as they arrive.
+    pub fn stop(&mut self) {
+        self.gate
+            .down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.gate.cut_all();
+    }
+
+    /// The front port, held by this process for the server's whole life.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// s3s-fs serving `dir` on a free port, listening when returned. A port taken between
+/// choosing it and s3s-fs binding it makes s3s-fs exit: then another port is tried.
+fn start_s3s_fs(dir: &Path) -> (Child, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = Command::new(s3s_fs_binary())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
-            .arg(&self.dir.0)
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start s3s-fs");
-        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        loop {
+            if child.try_wait().expect("s3s-fs status").is_some() {
+                break;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Listening, and it is ours: it did not exit for want of the port.
+                if child.try_wait().expect("s3s-fs status").is_none() {
+                    return (child, port);
+                }
+                break;
+            }
             assert!(
                 Instant::now() < deadline,
-                "s3s-fs did not listen on {} within 10 s",
-                self.port
+                "s3s-fs did not listen on {port} within 10 s"
             );
             std::thread::yield_now();
         }
     }
-
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    panic!("s3s-fs exited at start five times (is its port taken, or the binary broken?)");
 }
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        self.stop();
+        use std::sync::atomic::Ordering;
+        self.gate.closed.store(true, Ordering::SeqCst);
+        self.gate.cut_all();
+        // Wakes the accept loop so that it sees the gate closed and lets go of the port.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -471,4 +573,44 @@ pub fn sample_order_files(dir: &Path, side: u32, quality: u8) -> (PathBuf, PathB
     .expect("write design");
     std::fs::write(&spec, kiln_assets::sample::SPEC_JSON).expect("write spec");
     (design, spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// What a bare request to the server gets back: its status line, or "" when cut.
+    fn status_line(port: u16) -> String {
+        let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return String::new();
+        };
+        let req = format!(
+            "GET /kiln-test HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        );
+        let _ = c.write_all(req.as_bytes());
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        String::from_utf8_lossy(&out)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[test]
+    fn an_s3_outage_holds_its_port_until_the_server_is_back() {
+        let mut s3 = S3Server::start();
+        let port = s3.port();
+        // Unsigned, so s3s-fs refuses it: but it is s3s-fs answering.
+        assert!(status_line(port).starts_with("HTTP/1.1 "), "up");
+        s3.stop();
+        assert_eq!(status_line(port), "", "down: the connection is cut");
+        assert!(
+            TcpListener::bind(("127.0.0.1", port)).is_err(),
+            "nothing else can take the port while the server is down"
+        );
+        s3.start_again();
+        assert!(status_line(port).starts_with("HTTP/1.1 "), "back up");
+    }
 }
