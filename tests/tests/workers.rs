@@ -104,8 +104,26 @@ fn job_and_log(db: &str, id: &str, log: &Path, lines: usize) -> String {
     let log = std::fs::read_to_string(log).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(lines).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
+    // Its apalis task: never fetched (Pending, past its run_at) or taken and stuck (Running).
+    let task = psql_on(
+        db,
+        &format!(
+            "SELECT COALESCE(string_agg(t.status || ' run_at=' || t.run_at || ' lock_by=' || \
+             COALESCE(t.lock_by, '-') || ' deliveries=' || t.attempts, '; '), 'none') \
+             FROM apalis.jobs t JOIN kit_jobs k ON t.id = k.task_id WHERE k.id = '{id}'"
+        ),
+    );
+    // Who holds what on the database: a kit stuck behind a lock shows here.
+    let sessions = psql_on(
+        db,
+        "SELECT pid || ' ' || COALESCE(state, '-') || ' wait=' || \
+         COALESCE(wait_event_type || ':' || wait_event, '-') || ' xact_age_ms=' || \
+         COALESCE((extract(epoch from clock_timestamp() - xact_start) * 1000)::bigint::text, '-') \
+         || ' blocked_by=' || pg_blocking_pids(pid)::text || ' last: ' || left(query, 160) \
+         FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    );
     format!(
-        "job {id}: {row}\nworker log (last {lines} lines):\n{}",
+        "job {id}: {row}\napalis task: {task}\nsessions on its database:\n{sessions}\nworker log (last {lines} lines):\n{}",
         tail.join("\n")
     )
 }
@@ -201,9 +219,12 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
     let deadline = Instant::now() + Duration::from_secs(120);
 
     // The job with two attempts fails after its second and releases its credits.
-    wait_for("the hasty job to fail", deadline, || {
-        field(&pg.url, &hasty, "status") == "failed"
-    });
+    wait_or_explain(
+        "the hasty job to fail",
+        deadline,
+        || field(&pg.url, &hasty, "status") == "failed",
+        || job_and_log(&pg.url, &hasty, &log, 80),
+    );
     assert_eq!(field(&pg.url, &hasty, "attempts"), "2");
     assert_eq!(field(&pg.url, &hasty, "error_code"), "storage_unavailable");
     assert_eq!(
@@ -217,22 +238,35 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
 
     // The patient one is handed back with a longer delay each time, its credits still held.
     let mut delays: Vec<(u32, i64)> = Vec::new();
-    wait_for("two retries of the patient job", deadline, || {
-        let row = field(
-            &pg.url,
-            &patient,
-            "attempts || ' ' || status || ' ' || (run_at_ms - updated_at_ms)",
-        );
-        let parts: Vec<&str> = row.split(' ').collect();
-        if parts[1] == "queued" {
-            let attempt: u32 = parts[0].parse().expect("attempts");
-            let delay: i64 = parts[2].parse().expect("delay");
-            if attempt > 0 && delays.last().map(|d| d.0) != Some(attempt) {
-                delays.push((attempt, delay));
+    let seen = std::cell::RefCell::new(Vec::new());
+    wait_or_explain(
+        "two retries of the patient job",
+        deadline,
+        || {
+            let row = field(
+                &pg.url,
+                &patient,
+                "attempts || ' ' || status || ' ' || (run_at_ms - updated_at_ms)",
+            );
+            let parts: Vec<&str> = row.split(' ').collect();
+            if parts[1] == "queued" {
+                let attempt: u32 = parts[0].parse().expect("attempts");
+                let delay: i64 = parts[2].parse().expect("delay");
+                if attempt > 0 && delays.last().map(|d| d.0) != Some(attempt) {
+                    delays.push((attempt, delay));
+                }
             }
-        }
-        delays.len() >= 2
-    });
+            seen.borrow_mut().clone_from(&delays);
+            delays.len() >= 2
+        },
+        || {
+            format!(
+                "retries seen: {:?}\n{}",
+                seen.borrow(),
+                job_and_log(&pg.url, &patient, &log, 80)
+            )
+        },
+    );
     println!("retry delays by attempt: {delays:?}");
     // Four-fold per attempt from 50 ms, capped at 15 s: 50, 200, 800, 3200, 12800, 15000, ...
     for &(attempt, delay) in &delays {
