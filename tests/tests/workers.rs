@@ -212,6 +212,13 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
     let log = dir.0.join("worker.log");
     let mut worker = cmd("12")
         .args(["work", "--concurrency", "2", "--grace-secs", "5"])
+        // Each delivery's end and apalis's fetch and heartbeat steps are in the log, so a
+        // timeout's tail shows where a queue stopped (a fetch or heartbeat that never returned,
+        // or a delivery that never ended).
+        .env(
+            "RUST_LOG",
+            "warn,kiln=info,kit_worker=debug,apalis_core::backend::persistence=debug",
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
@@ -223,7 +230,7 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
         "the hasty job to fail",
         deadline,
         || field(&pg.url, &hasty, "status") == "failed",
-        || job_and_log(&pg.url, &hasty, &log, 80),
+        || job_and_log(&pg.url, &hasty, &log, 150),
     );
     assert_eq!(field(&pg.url, &hasty, "attempts"), "2");
     assert_eq!(field(&pg.url, &hasty, "error_code"), "storage_unavailable");
@@ -263,7 +270,7 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
             format!(
                 "retries seen: {:?}\n{}",
                 seen.borrow(),
-                job_and_log(&pg.url, &patient, &log, 80)
+                job_and_log(&pg.url, &patient, &log, 150)
             )
         },
     );
@@ -299,7 +306,7 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
         "the patient job to succeed",
         deadline,
         || field(&pg.url, &patient, "status") == "succeeded",
-        || job_and_log(&pg.url, &patient, &log, 80),
+        || job_and_log(&pg.url, &patient, &log, 150),
     );
     assert_eq!(
         field(
