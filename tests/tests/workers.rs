@@ -102,8 +102,8 @@ fn job_and_log(db: &str, id: &str, log: &Path, lines: usize) -> String {
          (extract(epoch from clock_timestamp()) * 1000)::bigint)",
     );
     let log = std::fs::read_to_string(log).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(lines).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    let all: Vec<&str> = log.lines().collect();
+    let tail = &all[all.len().saturating_sub(lines)..];
     // Its apalis task: never fetched (Pending, past its run_at) or taken and stuck (Running).
     let task = psql_on(
         db,
@@ -244,8 +244,8 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
     );
 
     // The patient one is handed back with a longer delay each time, its credits still held.
-    let mut delays: Vec<(u32, i64)> = Vec::new();
-    let seen = std::cell::RefCell::new(Vec::new());
+    // Shared with the timeout's message, which lists the retries seen so far.
+    let delays = std::cell::RefCell::new(Vec::<(u32, i64)>::new());
     wait_or_explain(
         "two retries of the patient job",
         deadline,
@@ -256,6 +256,7 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
                 "attempts || ' ' || status || ' ' || (run_at_ms - updated_at_ms)",
             );
             let parts: Vec<&str> = row.split(' ').collect();
+            let mut delays = delays.borrow_mut();
             if parts[1] == "queued" {
                 let attempt: u32 = parts[0].parse().expect("attempts");
                 let delay: i64 = parts[2].parse().expect("delay");
@@ -263,17 +264,17 @@ fn storage_outage_retries_with_growing_delays_and_charges_only_on_success() {
                     delays.push((attempt, delay));
                 }
             }
-            seen.borrow_mut().clone_from(&delays);
             delays.len() >= 2
         },
         || {
             format!(
                 "retries seen: {:?}\n{}",
-                seen.borrow(),
+                delays.borrow(),
                 job_and_log(&pg.url, &patient, &log, 150)
             )
         },
     );
+    let delays = delays.into_inner();
     println!("retry delays by attempt: {delays:?}");
     // Four-fold per attempt from 50 ms, capped at 15 s: 50, 200, 800, 3200, 12800, 15000, ...
     for &(attempt, delay) in &delays {
