@@ -155,7 +155,7 @@ pub fn kiln_cmd(db: &str, storage: &Path) -> Command {
         .env("KILN_STORAGE", storage)
         .env("KILN_SIGNING_SECRET", "crash-test-signing-secret")
         .env("KILN_HEARTBEAT_MS", "300")
-        .env("KILN_MISSED_HEARTBEATS", "3")
+        .env("KILN_MISSED_HEARTBEATS", "4")
         .env("KILN_MAINTENANCE_MS", "500")
         .env("KILN_LEASE_MS", "1500")
         .env("KILN_RETRY_BASE_MS", "100")

@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 pub use key::{KeyError, ObjectKey};
 pub use local::LocalStore;
-pub use s3::{S3Config, S3Store};
+pub use s3::{DEFAULT_TIMEOUT as S3_DEFAULT_TIMEOUT, S3Config, S3Store};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

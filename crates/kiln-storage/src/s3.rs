@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{Credentials, RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
@@ -20,6 +21,13 @@ use crate::{ObjectKey, ObjectMeta, Result, StorageError};
 /// Objects above this size are uploaded in parts of this size.
 pub const MULTIPART_PART_SIZE: usize = 8 * 1024 * 1024;
 
+/// The SDK's own default for opening a connection (setting any timeout replaces its defaults).
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(3100);
+
+/// [`S3Config::timeout`]'s default: a part ([`MULTIPART_PART_SIZE`]) sent and answered at
+/// 0.3 MB/s.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct S3Config {
     pub bucket: String,
@@ -30,6 +38,11 @@ pub struct S3Config {
     /// Static credentials; `None` uses the default chain (environment, profile, instance role).
     pub credentials: Option<(String, String)>,
     pub max_attempts: u32,
+    /// The longest one try waits for the first byte of the server's answer (sending the
+    /// request included). A server that takes the connection and never answers fails the try
+    /// after this, and the call is retryable when the tries run out; without it such a call
+    /// hung until the kit's deadline (minutes).
+    pub timeout: Duration,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -39,6 +52,8 @@ impl std::fmt::Debug for S3Config {
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
             .field("path_style", &self.path_style)
+            .field("max_attempts", &self.max_attempts)
+            .field("timeout", &self.timeout)
             .field(
                 "credentials",
                 &self.credentials.as_ref().map(|(ak, _)| (ak, "***")),
@@ -102,7 +117,13 @@ impl S3Store {
             .force_path_style(cfg.path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-            .retry_config(RetryConfig::standard().with_max_attempts(cfg.max_attempts.max(1)));
+            .retry_config(RetryConfig::standard().with_max_attempts(cfg.max_attempts.max(1)))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT.min(cfg.timeout))
+                    .read_timeout(cfg.timeout)
+                    .build(),
+            );
         if let Some(endpoint) = &cfg.endpoint {
             builder = builder.endpoint_url(endpoint);
         }

@@ -12,15 +12,27 @@ use kiln_e2e::{
 
 /// The S3 client settings for a test server.
 fn s3_config(server: &S3Server, secret: &str) -> S3Config {
+    config_at(
+        &server.endpoint,
+        secret,
+        2,
+        kiln_storage::S3_DEFAULT_TIMEOUT,
+    )
+}
+
+/// The S3 client settings for `endpoint`, with this many tries of at most `timeout` each.
+fn config_at(endpoint: &str, secret: &str, max_attempts: u32, timeout: Duration) -> S3Config {
     S3Config {
         bucket: "kiln-test".into(),
-        endpoint: Some(server.endpoint.clone()),
+        endpoint: Some(endpoint.to_owned()),
         region: "us-east-1".into(),
         path_style: true,
         credentials: Some((ACCESS_KEY.into(), secret.into())),
-        max_attempts: 2,
+        max_attempts,
+        timeout,
     }
 }
+
 #[derive(Clone, Copy, Debug)]
 enum Backend {
     S3,
@@ -229,14 +241,12 @@ async fn s3_wrong_credentials_fail_with_a_clear_error() {
 #[tokio::test]
 async fn s3_down_is_retryable() {
     let port = free_port(); // nothing listens here
-    let cfg = S3Config {
-        bucket: "kiln-test".into(),
-        endpoint: Some(format!("http://127.0.0.1:{port}")),
-        region: "us-east-1".into(),
-        path_style: true,
-        credentials: Some((ACCESS_KEY.into(), SECRET_KEY.into())),
-        max_attempts: 1,
-    };
+    let cfg = config_at(
+        &format!("http://127.0.0.1:{port}"),
+        SECRET_KEY,
+        1,
+        kiln_storage::S3_DEFAULT_TIMEOUT,
+    );
     let store = Storage::S3(S3Store::connect(cfg).await.expect("connect is lazy"));
     let key = ObjectKey::kit("01JOBDOWN", "a.txt").expect("key");
     let err = store
@@ -244,6 +254,48 @@ async fn s3_down_is_retryable() {
         .await
         .expect_err("nobody listens");
     assert!(err.is_retryable(), "{err:?}");
+}
+
+/// A server that takes every connection and reads the request but never answers (hung, or a
+/// half-open connection): each try gives up after the timeout, and the call fails retryable.
+/// Without a timeout the SDK waited for ever, and a kit attempt sat silent until its deadline.
+#[tokio::test]
+async fn s3_that_never_answers_fails_retryable_after_its_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut sink).await;
+            }));
+        }
+    });
+    let cfg = config_at(
+        &format!("http://127.0.0.1:{port}"),
+        SECRET_KEY,
+        2,
+        Duration::from_millis(500),
+    );
+    let store = Storage::S3(S3Store::connect(cfg).await.expect("connect is lazy"));
+    let key = ObjectKey::kit("01JOBHUNG", "a.txt").expect("key");
+    // The bound only turns the old hang into a failure: two tries of 0.5 s and the SDK's
+    // backoff between them end well inside it.
+    let err = tokio::time::timeout(Duration::from_secs(60), store.get(&key))
+        .await
+        .expect("the call gave up on a server that never answers")
+        .expect_err("nothing answered");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the request reached the server"
+    );
 }
 
 #[tokio::test]

@@ -81,6 +81,9 @@ pub async fn open_storage(settings: &Settings) -> anyhow::Result<Storage> {
                 .clone()
                 .zip(s3.secret_access_key.as_ref().map(|s| s.expose().to_owned())),
             max_attempts: 5,
+            timeout: s3
+                .timeout_secs
+                .map_or(kiln_storage::S3_DEFAULT_TIMEOUT, Duration::from_secs),
         };
         let store = S3Store::connect(cfg)
             .await

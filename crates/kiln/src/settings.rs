@@ -79,6 +79,9 @@ pub struct S3Settings {
     /// `KILN_S3_ACCESS_KEY_ID` + `KILN_S3_SECRET_ACCESS_KEY`; unset: the default AWS chain.
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<Secret>,
+    /// `KILN_S3_TIMEOUT_SECS`: how long one try of a request waits for the server's first
+    /// byte (sending included) before it is given up and retried; default 30.
+    pub timeout_secs: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,6 +341,11 @@ impl Settings {
         if let Some(v) = env.get("KILN_S3_SECRET_ACCESS_KEY") {
             s3.secret_access_key = Some(Secret::new(v));
         }
+        if env.get("KILN_S3_TIMEOUT_SECS").is_some() {
+            let mut secs = 0;
+            number(env, "KILN_S3_TIMEOUT_SECS", &mut secs)?;
+            s3.timeout_secs = Some(secs);
+        }
         let g = &mut self.generator;
         if let Some(v) = env.get("KILN_GENERATOR") {
             g.kind = match v.as_str() {
@@ -418,6 +426,9 @@ impl Settings {
                 "set both s3.access_key_id and s3.secret_access_key (KILN_S3_ACCESS_KEY_ID, KILN_S3_SECRET_ACCESS_KEY), or neither"
             );
         }
+        if self.s3.timeout_secs == Some(0) {
+            bail!("s3.timeout_secs / KILN_S3_TIMEOUT_SECS must be positive");
+        }
         if let Some(s) = &self.signing_secret
             && s.expose().len() < 16
         {
@@ -473,6 +484,18 @@ impl Settings {
         if j.heartbeat_ms == 0 || j.maintenance_ms == 0 || j.missed_heartbeats == 0 {
             bail!(
                 "jobs.heartbeat_ms, jobs.missed_heartbeats and jobs.maintenance_ms (KILN_HEARTBEAT_MS, KILN_MISSED_HEARTBEATS, KILN_MAINTENANCE_MS) must be positive"
+            );
+        }
+        // apalis counts a worker dead once it has missed heartbeats for this long, cut to
+        // whole seconds: the window must still hold two heartbeats, or live workers count as
+        // dead and every heartbeat hands their running kits out again (300 ms x 3 came to 0 s).
+        let window_ms = j.heartbeat_ms.saturating_mul(j.missed_heartbeats as u64) / 1000 * 1000;
+        if window_ms < j.heartbeat_ms.saturating_mul(2) {
+            bail!(
+                "jobs.heartbeat_ms x jobs.missed_heartbeats (KILN_HEARTBEAT_MS x KILN_MISSED_HEARTBEATS = {} ms x {}) is how long a worker may be silent before its kits go to another; counted in whole seconds ({} s), it must cover at least two heartbeats: raise KILN_MISSED_HEARTBEATS",
+                j.heartbeat_ms,
+                j.missed_heartbeats,
+                window_ms / 1000
             );
         }
         Ok(())
@@ -537,6 +560,26 @@ mod tests {
         std::fs::write(&file, "[jobs]\nleese_ms = 1\n").unwrap();
         let e = format!("{:#}", Settings::load_from(Some(&file), &[]).unwrap_err());
         assert!(e.contains("leese_ms"), "{e}");
+        // 300 ms x 3 is 0.9 s, 0 whole seconds: every live worker would count as dead.
+        let e = Settings::load_from(
+            None,
+            &[
+                ("KILN_HEARTBEAT_MS", "300"),
+                ("KILN_MISSED_HEARTBEATS", "3"),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("KILN_MISSED_HEARTBEATS"), "{e}");
+        Settings::load_from(
+            None,
+            &[
+                ("KILN_HEARTBEAT_MS", "300"),
+                ("KILN_MISSED_HEARTBEATS", "4"),
+            ],
+        )
+        .expect("1.2 s is 1 whole second, over three heartbeats");
+        let e = Settings::load_from(None, &[("KILN_S3_TIMEOUT_SECS", "0")]).unwrap_err();
+        assert!(e.to_string().contains("KILN_S3_TIMEOUT_SECS"), "{e}");
         let e = Settings::load_from(None, &[("KILN_GENERATOR", "ai")]).unwrap_err();
         assert!(e.to_string().contains("KILN_PROVIDER_URL"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
