@@ -189,12 +189,12 @@ pub async fn run(
     let superseded = Arc::new(AtomicBool::new(false));
     // Stops with this attempt however it ends: returned, panicked or dropped (a renewer that
     // outlived its attempt would hold the job's lease, and its credits, forever).
-    let lease = AbortOnDrop(tokio::spawn(renew_lease(
-        deps.clone(),
-        job.id.clone(),
-        fence,
-        superseded.clone(),
-    )));
+    let lease = {
+        let (deps, id, superseded) = (deps.clone(), job.id.clone(), superseded.clone());
+        Renewer::start(deps.lease / 4, move || {
+            renew_lease(deps.clone(), id.clone(), fence, superseded.clone())
+        })
+    };
     let deadline = deps.deadlines.for_kit(job.kit);
     let worked = tokio::time::timeout(deadline, work(deps, &job, fence, &superseded))
         .await
@@ -287,37 +287,70 @@ pub fn kit_key(job: &JobId, fence: Fence, path: &str) -> Result<ObjectKey, kiln_
     )
 }
 
-/// A spawned task that is aborted when this is dropped.
+/// A task that runs `renew` every `every` until it returns `false` or this is dropped. A drop
+/// stops it between two renewals and never in the middle of one: a database future cancelled
+/// mid-flight can leave its pooled connection out of step with the server (a message half
+/// written, a reply counted that never comes), and the next borrower — apalis's fetch, in the
+/// storage-outage test — then waits for ever on a connection the server sees as idle. It was
+/// aborted at the end of every attempt.
 #[derive(Debug)]
-pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+pub struct Renewer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
 
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
+impl Renewer {
+    pub fn start<F, Fut>(every: Duration, mut renew: F) -> Renewer
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = bool> + Send + 'static,
+    {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut stopped => return,
+                    _ = tick.tick() => {}
+                }
+                // Not raced against the stop: a renewal once begun runs to its end.
+                if !renew().await {
+                    return;
+                }
+            }
+        });
+        Renewer { stop: Some(stop) }
     }
 }
 
-/// Renews the lease every quarter of its length until aborted; flags `superseded` when a newer
-/// attempt has taken the job.
-async fn renew_lease(deps: Deps, id: JobId, fence: Fence, superseded: Arc<AtomicBool>) {
-    let mut tick = tokio::time::interval(deps.lease / 4);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let renewed = async {
-            let mut tx = deps.ledger.db().begin().await?;
-            let ok = jobs::renew_lease(&mut tx, deps.ledger.ctx().now, &id, fence).await?;
-            tx.commit().await?;
-            Ok::<bool, JobsError>(ok)
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
-        .await;
-        match renewed {
-            Ok(true) => {}
-            Ok(false) => {
-                superseded.store(true, Ordering::SeqCst);
-                return;
-            }
-            Err(e) => tracing::warn!(job = %id, "lease not renewed: {e}"),
+    }
+}
+
+/// Renews the lease once; `false` (stop renewing) when a newer attempt has taken the job, which
+/// it flags in `superseded`.
+async fn renew_lease(deps: Deps, id: JobId, fence: Fence, superseded: Arc<AtomicBool>) -> bool {
+    let renewed = async {
+        let mut tx = deps.ledger.db().begin().await?;
+        let ok = jobs::renew_lease(&mut tx, deps.ledger.ctx().now, &id, fence).await?;
+        tx.commit().await?;
+        Ok::<bool, JobsError>(ok)
+    }
+    .await;
+    match renewed {
+        Ok(true) => true,
+        Ok(false) => {
+            superseded.store(true, Ordering::SeqCst);
+            false
+        }
+        Err(e) => {
+            tracing::warn!(job = %id, "lease not renewed: {e}");
+            true
         }
     }
 }
@@ -518,33 +551,51 @@ mod tests {
 
     /// The renewer of an attempt whose future is dropped (or unwinds from a panic) stops with
     /// it: before, it was aborted only after the attempt returned, and a dropped attempt left it
-    /// renewing the lease forever.
+    /// renewing the lease forever. And it stops between renewals: one under way when the
+    /// attempt ends runs to its end (an aborted one could leave its database connection out of
+    /// step with the server, and the next query on it hung).
     #[tokio::test]
-    async fn a_task_behind_abort_on_drop_stops_when_its_owner_is_dropped() {
-        let beats = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = beats.clone();
-        let owner = async move {
-            let renewer = AbortOnDrop(tokio::spawn(async move {
-                loop {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    tokio::task::yield_now().await;
-                }
-            }));
-            let handle = renewer.0.abort_handle();
-            (renewer, handle)
-        };
-        let (renewer, handle) = owner.await;
-        while beats.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
-        assert!(!handle.is_finished());
-        drop(renewer);
-        for _ in 0..1000 {
-            if handle.is_finished() {
-                break;
+    async fn a_renewer_stops_with_its_owner_but_finishes_the_renewal_under_way() {
+        let (started_tx, started) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let owner = {
+            let (gate, finished) = (gate.clone(), finished.clone());
+            async move {
+                Renewer::start(Duration::from_millis(1), move || {
+                    let (started_tx, gate, finished) =
+                        (started_tx.clone(), gate.clone(), finished.clone());
+                    async move {
+                        let _ = started_tx.send(());
+                        gate.notified().await;
+                        finished.fetch_add(1, Ordering::SeqCst);
+                        true
+                    }
+                })
             }
-            tokio::task::yield_now().await;
-        }
-        assert!(handle.is_finished(), "the renewer outlived its owner");
+        };
+        let renewer = owner.await;
+        let mut started = started;
+        started.recv().await.expect("a renewal began");
+        // The owner ends while that renewal waits: the renewal is not cut short ...
+        drop(renewer);
+        gate.notify_one();
+        // (The bound only turns a hang into a failure.)
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while finished.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the renewal under way ran to its end");
+        // ... and no other begins: the renewer has stopped.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(30), started.recv())
+                .await
+                .expect("the renewer ended")
+                .is_none(),
+            "a renewal began after the owner was dropped"
+        );
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
     }
 }
