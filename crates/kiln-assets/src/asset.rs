@@ -87,13 +87,29 @@ pub(crate) fn image_asset(
     })
 }
 
-/// `photos/cutout.png`: the cut-out as an RGBA PNG (fast compression: a phone photo's cut-out
-/// is megapixels of alpha).
+/// `photos/cutout.png`: the cut-out as an RGBA PNG ([`cutout_png`]).
 pub(crate) fn cutout_asset(
     img: &image::RgbaImage,
     alt: String,
     note: CutoutNote,
 ) -> Result<Asset, AssetError> {
+    let bytes = cutout_png(img)?;
+    Ok(Asset {
+        path: "photos/cutout.png".to_owned(),
+        role: Role::CutoutImage,
+        content_type: "image/png",
+        bytes,
+        width: Some(img.width()),
+        height: Some(img.height()),
+        alt: Some(alt),
+        quality: None,
+        cutout: Some(note),
+    })
+}
+
+/// A cut-out's PNG bytes, with fast compression: a phone photo's cut-out is megapixels of
+/// alpha. (The cut-out bench times this, as a kit runs it.)
+pub fn cutout_png(img: &image::RgbaImage) -> Result<Vec<u8>, AssetError> {
     use image::ImageEncoder;
     let mut bytes = Vec::new();
     image::codecs::png::PngEncoder::new_with_quality(
@@ -108,15 +124,5 @@ pub(crate) fn cutout_asset(
         image::ExtendedColorType::Rgba8,
     )
     .map_err(|e| AssetError::Render(format!("PNG: {e}")))?;
-    Ok(Asset {
-        path: "photos/cutout.png".to_owned(),
-        role: Role::CutoutImage,
-        content_type: "image/png",
-        bytes,
-        width: Some(img.width()),
-        height: Some(img.height()),
-        alt: Some(alt),
-        quality: None,
-        cutout: Some(note),
-    })
+    Ok(bytes)
 }
