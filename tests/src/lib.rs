@@ -155,7 +155,9 @@ pub fn kiln_cmd(db: &str, storage: &Path) -> Command {
         .env("KILN_STORAGE", storage)
         .env("KILN_SIGNING_SECRET", "crash-test-signing-secret")
         .env("KILN_HEARTBEAT_MS", "300")
-        .env("KILN_MISSED_HEARTBEATS", "4")
+        // 3 s (whole seconds) before a silent worker loses its kits: a loaded machine can stall a
+        // heartbeat for a second, and a live worker must not count as dead.
+        .env("KILN_MISSED_HEARTBEATS", "10")
         .env("KILN_MAINTENANCE_MS", "500")
         .env("KILN_LEASE_MS", "1500")
         .env("KILN_RETRY_BASE_MS", "100")

@@ -24,7 +24,7 @@ async fn a_kit_runs_end_to_end(database_url: &str) {
             ("KILN_DATABASE_URL", database_url),
             ("KILN_STORAGE", storage),
             ("KILN_HEARTBEAT_MS", "300"),
-            ("KILN_MISSED_HEARTBEATS", "4"),
+            ("KILN_MISSED_HEARTBEATS", "10"),
             ("KILN_MAINTENANCE_MS", "500"),
         ],
     )
