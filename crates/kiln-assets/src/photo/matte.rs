@@ -335,21 +335,24 @@ pub fn matte(
     // shadow (read around it, where the mask says backdrop). Then only that tint is neutral.
     // (On the test set: silver 28% of its core there, every other piece 2% at most. For them
     // the allowance stays: the last pixels before a gold edge take a tint from the metal.)
-    let tints = |pick: &dyn Fn(usize) -> bool| -> Vec<f32> {
-        (0..w * h)
-            .filter(|&i| pick(i))
-            .filter_map(|i| {
-                darkening(i)
-                    .filter(|&(mean, _)| mean < 0.97)
-                    .map(|(_, t)| t)
-            })
-            .collect()
-    };
-    let mut shadow = tints(&|i| saliency[i] < LOW && colour_alpha[i] < 128);
-    let core = tints(&|i| saliency[i] >= SURE);
+    // The cast shadow around the piece (where the mask says backdrop and colour agrees), each
+    // pixel as a darkening: its tint sets `neutral` here, its depth `darkest` below.
+    let shadow: Vec<(f32, f32)> = (0..w * h)
+        .filter(|&i| saliency[i] < LOW && colour_alpha[i] < 128)
+        .filter_map(|i| darkening(i).filter(|&(mean, _)| mean < 0.97))
+        .collect();
+    let core: Vec<f32> = (0..w * h)
+        .filter(|&i| saliency[i] >= SURE)
+        .filter_map(|i| {
+            darkening(i)
+                .filter(|&(mean, _)| mean < 0.97)
+                .map(|(_, t)| t)
+        })
+        .collect();
     if shadow.len() >= 64 && core.len() >= 64 {
-        let k = shadow.len() * 49 / 50;
-        let (_, &mut p98, _) = shadow.select_nth_unstable_by(k, f32::total_cmp);
+        let mut tints: Vec<f32> = shadow.iter().map(|&(_, t)| t).collect();
+        let k = tints.len() * 49 / 50;
+        let (_, &mut p98, _) = tints.select_nth_unstable_by(k, f32::total_cmp);
         let tight = (p98 + 0.001).max(0.004);
         let between = core.iter().filter(|&&t| t > tight && t <= neutral).count();
         if between * 10 >= core.len() {
@@ -365,9 +368,10 @@ pub fn matte(
     // How dark the piece's cast shadow gets, read where it is certainly shadow (around the
     // piece, where the mask says backdrop): a shadow seen through a hole is no darker, and the
     // dark side of a silver band on grey usually is.
-    let mut shadows: Vec<f32> = (0..w * h)
-        .filter(|&i| saliency[i] < LOW && colour_alpha[i] < 128)
-        .filter_map(|i| shade(i).filter(|&mean| mean < 0.97))
+    let mut shadows: Vec<f32> = shadow
+        .iter()
+        .filter(|&&(_, tint)| tint <= neutral)
+        .map(|&(mean, _)| mean)
         .collect();
     shadows.sort_by(f32::total_cmp);
     let darkest = if shadows.len() >= 64 {
