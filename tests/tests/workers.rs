@@ -34,6 +34,15 @@ fn setup(db: &str, dir: &Path, env: &[(&str, &str)], storage: &Path) -> Order {
     }
 }
 
+/// Stops `child` as a deploy does: SIGTERM (the caller waits for it).
+fn terminate(child: &std::process::Child) {
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success(), "kill -TERM {}", child.id());
+}
+
 fn create(cmd: &mut Command, o: &Order, kit: &str, key: &str) -> String {
     ok(&cmd
         .args(["kits", "create", "--account", &o.account, "--kit", kit])
@@ -148,11 +157,7 @@ fn sigterm_lets_the_running_kit_finish_and_exits_zero() {
     wait_for("the kit to be mid-flight", deadline, || {
         field(&pg.url, &id, "steps_done") != "0"
     });
-    let term = Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(term.success());
+    terminate(&worker);
     let status = worker.wait().expect("worker exits");
     assert!(
         status.success(),
@@ -397,11 +402,7 @@ fn a_kit_still_running_when_the_grace_period_ends_is_handed_back() {
         field(&pg.url, &id, "steps_done") != "0"
     });
     let fence = field(&pg.url, &id, "fence");
-    let term = Command::new("kill")
-        .args(["-TERM", &impatient.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(term.success());
+    terminate(&impatient);
     assert!(impatient.wait().expect("exit").success());
     // Handed back at once: queued on a new task with a new fence, credits still held, and the
     // attempt given back.
@@ -514,11 +515,7 @@ fn metrics_scraped_during_a_run_match_what_happened() {
     // way out. (Killed, a delivery it had not yet recorded stays taken by a dead worker, and the
     // healthy worker rightly delivers it again once that worker's heartbeats have lapsed: a
     // skipped delivery of an ended job, which the check below is not about.)
-    let term = Command::new("kill")
-        .args(["-TERM", &faulty.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(term.success());
+    terminate(&faulty);
     let stopped = faulty.wait().expect("the faulty worker exits");
     assert!(stopped.success(), "the faulty worker exited with {stopped}");
 
