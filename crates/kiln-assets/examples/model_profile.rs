@@ -1,6 +1,6 @@
-//! Where the cut-out model's time goes: `model_profile [side] [tract-resize]` runs U²-Net-p (the vendored
-//! file) three times at `side` (320 by default) and prints the time per kind of operation of
-//! the last run. Run it single-threaded (`taskset -c 0`). The plan is kiln's
+//! Where the cut-out model's time goes: `model_profile [side] [tract-resize|tract-conv]` runs
+//! U²-Net-p (the vendored file) three times at `side` (320 by default) and prints the time per
+//! kind of operation of the last run. Run it single-threaded (`taskset -c 0`). The plan is kiln's
 //! (`salient::plan`); tract's other knobs apply from the environment.
 
 /// As in the kiln binary: the model's large tensors are reused, not faulted in afresh.
@@ -13,9 +13,11 @@ use tract_onnx::prelude::*;
 fn main() -> TractResult<()> {
     let bytes = std::fs::read("crates/kiln-assets/models/u2netp.onnx")?;
     let side: usize = std::env::args().nth(1).map_or(Ok(320), |s| s.parse())?;
-    // As kiln loads it: its knobs, and its own upsampling in place of tract's `Resize`; with
-    // `tract-resize` as a second argument, tract's `Resize` kept, to compare.
-    let plan = if std::env::args().nth(2).as_deref() == Some("tract-resize") {
+    // As kiln loads it: its knobs, its own upsampling in place of tract's `Resize` and its own
+    // convolutions; with `tract-resize` as a second argument, tract's `Resize` and convolutions
+    // kept, with `tract-conv` tract's convolutions alone, to compare.
+    let mode = std::env::args().nth(2);
+    let plan = if mode.as_deref() == Some("tract-resize") {
         tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?
             .enter(|| {
             tract_onnx::onnx()
@@ -24,6 +26,8 @@ fn main() -> TractResult<()> {
                 .into_optimized()?
                 .into_runnable()
         })?
+    } else if mode.as_deref() == Some("tract-conv") {
+        kiln_assets::salient::plan_with(&bytes, side, kiln_assets::salient::Convolutions::Tract)?
     } else {
         kiln_assets::salient::plan(&bytes, side)?
     };

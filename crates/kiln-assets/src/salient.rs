@@ -16,6 +16,7 @@ use tract_onnx::prelude::*;
 
 use crate::AssetError;
 
+mod conv;
 mod upsample;
 
 /// The model the kits of this process use, installed at start-up (`install`).
@@ -63,6 +64,7 @@ const STD: [f32; 3] = [0.229, 0.224, 0.225];
 #[derive(Clone)]
 pub struct Salient {
     plan: Arc<TypedSimplePlan>,
+    convolutions: Convolutions,
     /// Where the model came from ("embedded u2netp" or a path) and its sha256: the manifest
     /// names it.
     pub source: String,
@@ -84,10 +86,17 @@ impl Salient {
         static LOADED: std::sync::OnceLock<Result<Salient, String>> = std::sync::OnceLock::new();
         LOADED
             .get_or_init(|| {
-                Salient::from_bytes(EMBEDDED, "embedded u2netp").map_err(|e| e.to_string())
+                Salient::from_bytes(EMBEDDED, "embedded u2netp", Convolutions::Direct)
+                    .map_err(|e| e.to_string())
             })
             .clone()
             .map_err(AssetError::Model)
+    }
+
+    /// The embedded model with its convolutions run as `convolutions` says, loaded afresh: to
+    /// compare the two.
+    pub fn embedded_with(convolutions: Convolutions) -> Result<Salient, AssetError> {
+        Salient::from_bytes(EMBEDDED, "embedded u2netp", convolutions)
     }
 
     /// The model at `path` (an operator's own copy): read, parsed, optimised and run once on a
@@ -95,15 +104,20 @@ impl Salient {
     pub fn load(path: &Path) -> Result<Salient, AssetError> {
         let bytes = std::fs::read(path)
             .map_err(|e| AssetError::Model(format!("cut-out model {}: {e}", path.display())))?;
-        Salient::from_bytes(&bytes, &path.display().to_string())
+        Salient::from_bytes(&bytes, &path.display().to_string(), Convolutions::Direct)
             .map_err(|e| AssetError::Model(format!("cut-out model {}: {e}", path.display())))
     }
 
-    fn from_bytes(bytes: &[u8], source: &str) -> Result<Salient, AssetError> {
-        let plan = plan(bytes, SIDE as usize)
+    fn from_bytes(
+        bytes: &[u8],
+        source: &str,
+        convolutions: Convolutions,
+    ) -> Result<Salient, AssetError> {
+        let plan = plan_with(bytes, SIDE as usize, convolutions)
             .map_err(|e| AssetError::Model(format!("not a usable U²-Net model: {e:#}")))?;
         let s = Salient {
             plan,
+            convolutions,
             source: source.to_owned(),
             sha256: hex::encode(sha2::Sha256::digest(bytes)),
         };
@@ -128,9 +142,11 @@ impl Salient {
 
     fn predict_small(&self, small: &RgbImage) -> Result<GrayImage, AssetError> {
         // The same input gives the same mask: a retried attempt, or another kit of the same
-        // upload, reuses it (keyed by the model's exact input and the model's sha256).
+        // upload, reuses it (keyed by the model's exact input, the model's sha256 and how its
+        // convolutions run).
         let mut hasher = sha2::Sha256::new();
         hasher.update(self.sha256.as_bytes());
+        hasher.update([u8::from(self.convolutions == Convolutions::Direct)]);
         hasher.update(small.as_raw());
         let key: [u8; 32] = hasher.finalize().into();
         if let Some(hit) = RECENT
@@ -187,11 +203,30 @@ impl Salient {
     }
 }
 
+/// How the model's convolutions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Convolutions {
+    /// `conv::Conv3x3`, directly in SIMD registers (where the machine has AVX2 or AVX-512).
+    Direct,
+    /// tract's own: im2col and a matrix product.
+    Tract,
+}
+
 /// U²-Net-p from `bytes`, optimised for a `side` x `side` input, with `upsample::Upsample` in
-/// place of its bilinear `Resize`s.
+/// place of its bilinear `Resize`s and `conv::Conv3x3` in place of its convolutions.
 pub fn plan(bytes: &[u8], side: usize) -> TractResult<Arc<TypedSimplePlan>> {
-    // tract's direct spatial convolution is slower here than im2col and a matrix product
-    // (the model: 1.6 s against 2.1 s on one core, measured with the knob on and off).
+    plan_with(bytes, side, Convolutions::Direct)
+}
+
+/// `plan`, with the convolutions run as `convolutions` says.
+pub fn plan_with(
+    bytes: &[u8],
+    side: usize,
+    convolutions: Convolutions,
+) -> TractResult<Arc<TypedSimplePlan>> {
+    // Where tract's convolution stays: its direct spatial convolution is slower here than
+    // im2col and a matrix product (the model: 1.6 s against 2.1 s on one core, measured with
+    // the knob on and off).
     let scope =
         tract_onnx::tract_core::knobs::KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")])?;
     scope.enter(|| {
@@ -201,6 +236,9 @@ pub fn plan(bytes: &[u8], side: usize) -> TractResult<Arc<TypedSimplePlan>> {
             .into_typed()?
             .into_decluttered()?;
         upsample::swap_in(&mut model)?;
+        if convolutions == Convolutions::Direct {
+            conv::swap_in(&mut model)?;
+        }
         model.into_optimized()?.into_runnable()
     })
 }
