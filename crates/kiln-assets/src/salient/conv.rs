@@ -83,18 +83,19 @@ impl Conv3x3 {
 
     /// The convolution of `input` (`c_in` planes of `h` x `w`) into `out` (`c_out` planes).
     pub fn run(&self, input: &[f32], h: usize, w: usize, out: &mut [f32]) {
+        pulp::Arch::new().dispatch(self.job(input, h, w, out));
+    }
+
+    fn job<'a>(&'a self, input: &'a [f32], h: usize, w: usize, out: &'a mut [f32]) -> Job<'a> {
         assert_eq!(input.len(), self.c_in * h * w, "input planes");
         assert_eq!(out.len(), self.c_out * h * w, "output planes");
-        if h == 0 || w == 0 {
-            return;
-        }
-        pulp::Arch::new().dispatch(Job {
+        Job {
             conv: self,
             input,
             h,
             w,
             out,
-        });
+        }
     }
 }
 
@@ -139,6 +140,9 @@ impl Job<'_> {
             w,
             out,
         } = self;
+        if h == 0 || w == 0 {
+            return;
+        }
         let (d, lanes) = (conv.dilation, lanes::<S>());
         let strip = lanes * P;
         // The input padded by `d` on every side (zeros), each row long enough that a strip's
@@ -524,6 +528,30 @@ mod tests {
         out
     }
 
+    type Runner = Box<dyn Fn(Job<'_>)>;
+
+    /// The instruction sets this machine has, each with a way to run a job on it.
+    fn instruction_sets() -> Vec<(&'static str, Runner)> {
+        let mut sets: Vec<(&'static str, Runner)> = Vec::new();
+        if let Some(simd) = pulp::x86::V4::try_new() {
+            sets.push((
+                "AVX-512",
+                Box::new(move |job| pulp::Simd::vectorize(simd, job)),
+            ));
+        }
+        if let Some(simd) = pulp::x86::V3::try_new() {
+            sets.push((
+                "AVX2",
+                Box::new(move |job| pulp::Simd::vectorize(simd, job)),
+            ));
+        }
+        println!(
+            "instruction sets: {:?}",
+            sets.iter().map(|s| s.0).collect::<Vec<_>>()
+        );
+        sets
+    }
+
     /// Every strip width (1, 2, 3 and 5 vectors, with and without a partial last vector), each
     /// dilation U²-Net-p uses, output channels that do and do not fill a block of four, a single
     /// input channel and many, with and without the ReLU: the same numbers as the definition.
@@ -559,21 +587,25 @@ mod tests {
             let bias: Vec<f32> = (0..c_out).map(|_| next()).collect();
             let input: Vec<f32> = (0..c_in * h * w).map(|_| next()).collect();
             let conv = Conv3x3::new(&kernel, &bias, c_in, d, relu);
-            let mut ours = vec![f32::NAN; c_out * h * w];
-            conv.run(&input, h, w, &mut ours);
             let theirs = reference(&kernel, &bias, &input, (c_in, h, w), d, relu);
-            let worst =
-                ours.iter()
-                    .zip(&theirs)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(
-                        0.0f32,
-                        |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
-                    );
-            assert!(
-                worst < 1e-4,
-                "{c_in}->{c_out} {h}x{w} dilation {d} relu {relu}: off by {worst}"
-            );
+            // Every instruction set this machine has: AVX-512's 16 lanes and AVX2's 8 take
+            // different strips.
+            for (set, run) in instruction_sets() {
+                let mut ours = vec![f32::NAN; c_out * h * w];
+                run(conv.job(&input, h, w, &mut ours));
+                let worst =
+                    ours.iter()
+                        .zip(&theirs)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(
+                            0.0f32,
+                            |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
+                        );
+                assert!(
+                    worst < 1e-4,
+                    "{set}: {c_in}->{c_out} {h}x{w} dilation {d} relu {relu}: off by {worst}"
+                );
+            }
         }
     }
 }
