@@ -98,6 +98,22 @@ impl Metrics {
     }
 }
 
+/// Runs a handler on a task of its own, to its end, whether or not the client stays for the
+/// answer. hyper drops a request's future when its client hangs up (a long poll given up, a
+/// closed tab), and a database future dropped mid-flight can leave its pooled connection out of
+/// step with the server: the next request to borrow it waited for ever on a connection the
+/// server saw as idle (seen in the workers' pool, where an aborted lease renewal did it). A
+/// handler that panics answers 500 instead of dropping the connection.
+pub(crate) async fn to_completion(
+    handler: impl std::future::Future<Output = Response> + Send + 'static,
+) -> Response {
+    match tokio::spawn(handler).await {
+        Ok(resp) => resp,
+        Err(e) => crate::error::ApiError::internal(&format_args!("the handler failed: {e}"))
+            .into_response(),
+    }
+}
+
 /// The middleware: request id, span, metrics.
 pub async fn layer(State(api): State<Api>, req: Request, next: Next) -> Response {
     let id = req
@@ -123,9 +139,8 @@ pub async fn layer(State(api): State<Api>, req: Request, next: Next) -> Response
         .in_flight
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let in_flight = InFlight(&api.metrics.in_flight);
-    let mut resp = REQUEST_ID
-        .scope(id.clone(), next.run(req).instrument(span.clone()))
-        .await;
+    let mut resp =
+        to_completion(REQUEST_ID.scope(id.clone(), next.run(req).instrument(span.clone()))).await;
     drop(in_flight);
     let status = resp.status();
     let seconds = start.elapsed().as_secs_f64();
@@ -299,4 +314,96 @@ pub async fn metrics(State(api): State<Api>) -> Response {
         out,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use axum::routing::get;
+    use tokio::io::AsyncWriteExt;
+    use tokio::sync::{Notify, mpsc};
+
+    use super::*;
+
+    /// Sends on `tx` when dropped.
+    struct OnDrop(mpsc::UnboundedSender<&'static str>, &'static str);
+
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(self.1);
+        }
+    }
+
+    /// The next event (the bound only turns a hang into a failure).
+    async fn next_event(events: &mut mpsc::UnboundedReceiver<&'static str>) -> &'static str {
+        tokio::time::timeout(std::time::Duration::from_secs(30), events.recv())
+            .await
+            .expect("an event")
+            .expect("open")
+    }
+
+    /// A client that sends a request and hangs up while the handler works: hyper drops the
+    /// request's future, and the handler still runs to its end.
+    #[tokio::test]
+    async fn a_handler_runs_to_its_end_when_its_client_hangs_up() {
+        let (events_tx, mut events) = mpsc::unbounded_channel::<&'static str>();
+        let gate = Arc::new(Notify::new());
+        let done = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let (events_tx, gate, done) = (events_tx.clone(), gate.clone(), done.clone());
+            move || async move {
+                let _ = events_tx.send("started");
+                let _cancelled = OnDrop(events_tx.clone(), "handler dropped");
+                gate.notified().await;
+                done.fetch_add(1, Ordering::SeqCst);
+                std::mem::forget(_cancelled);
+                "ok"
+            }
+        };
+        let outer = events_tx.clone();
+        let app = Router::new()
+            .route("/slow", get(handler))
+            .layer(axum::middleware::from_fn(|req: Request, next: Next| {
+                to_completion(next.run(req))
+            }))
+            // Outermost: says when hyper gave up on the request.
+            .layer(axum::middleware::from_fn(
+                move |req: Request, next: Next| {
+                    let guard = OnDrop(outer.clone(), "request dropped");
+                    async move {
+                        let resp = next.run(req).await;
+                        std::mem::forget(guard);
+                        resp
+                    }
+                },
+            ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(axum::serve(listener, app).into_future());
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /slow HTTP/1.1\r\nhost: kiln\r\n\r\n")
+            .await
+            .expect("send");
+        assert_eq!(next_event(&mut events).await, "started");
+        drop(conn);
+        assert_eq!(
+            next_event(&mut events).await,
+            "request dropped",
+            "hyper noticed the hang-up first"
+        );
+        gate.notify_one();
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while done.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the handler ran to its end");
+        assert!(events.try_recv().is_err(), "the handler was not dropped");
+    }
 }
