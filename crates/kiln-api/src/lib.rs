@@ -141,7 +141,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/charges", post(charge))
         .route("/v1/topups", post(topup))
         .route(
-            "/v1/kits",
+            KITS_ROUTE,
             // Each field's limit is enforced while reading it (`read_field`); the whole form's
             // here, so a `Content-Length` over it is a 413 before anything is read.
             post(create_kit).layer(axum::extract::DefaultBodyLimit::max(FORM_LIMIT)),
@@ -177,7 +177,12 @@ impl FromRequestParts<Api> for Caller {
         let found = match api.keys.get(key, now) {
             Some(a) => Some(a),
             None => {
-                let found = api.queue.ledger().account_by_api_key(key).await?;
+                // On a task of its own: a lookup dropped mid-query when the client hangs up
+                // could leave its pooled connection out of step with the server.
+                let (ledger, owned) = (api.queue.ledger().clone(), key.to_owned());
+                let found =
+                    observe::detached(async move { ledger.account_by_api_key(&owned).await })
+                        .await??;
                 if let Some(a) = &found {
                     api.keys.put(key, a, now);
                 }
@@ -727,6 +732,9 @@ pub(crate) fn with_top_up_packs(api: &Api, e: kiln_ledger::LedgerError) -> ApiEr
     err
 }
 
+/// Where kits are ordered (`POST`, a multipart form).
+pub(crate) const KITS_ROUTE: &str = "/v1/kits";
+
 /// The largest design accepted: the decoder's own limit.
 pub const MAX_DESIGN_BYTES: usize = 40 * 1024 * 1024;
 /// The largest spec accepted.
@@ -864,19 +872,24 @@ async fn create_kit(
             )
         })?,
     };
-    let accepted = kiln_producer::intake(
-        &api.queue,
-        &api.storage,
-        kiln_producer::Order {
-            account: a.id,
-            kit,
-            design: bytes::Bytes::from(design),
-            spec_json: &spec,
-            idempotency_key: &key,
-            max_attempts: api.max_attempts,
-        },
-    )
-    .await
+    // The order is stored and charged to its end even when the client hangs up now.
+    let ordering = api.clone();
+    let accepted = observe::detached(async move {
+        kiln_producer::intake(
+            &ordering.queue,
+            &ordering.storage,
+            kiln_producer::Order {
+                account: a.id,
+                kit,
+                design: bytes::Bytes::from(design),
+                spec_json: &spec,
+                idempotency_key: &key,
+                max_attempts: ordering.max_attempts,
+            },
+        )
+        .await
+    })
+    .await?
     .map_err(|e| intake_error(&api, e))?;
     let status = if accepted.replayed {
         StatusCode::OK

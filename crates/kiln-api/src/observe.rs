@@ -114,6 +114,21 @@ pub(crate) async fn to_completion(
     }
 }
 
+/// `fut` on a task of its own, to its end, under this request's id and span: for the database
+/// work of a handler that is not itself on its own task (`KITS_ROUTE`).
+pub(crate) async fn detached<T: Send + 'static>(
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, crate::error::ApiError> {
+    let fut = fut.instrument(tracing::Span::current());
+    let handle = match request_id() {
+        Some(id) => tokio::spawn(REQUEST_ID.scope(id, fut)),
+        None => tokio::spawn(fut),
+    };
+    handle
+        .await
+        .map_err(|e| crate::error::ApiError::internal(&format_args!("the handler failed: {e}")))
+}
+
 /// The middleware: request id, span, metrics.
 pub async fn layer(State(api): State<Api>, req: Request, next: Next) -> Response {
     let id = req
@@ -139,8 +154,16 @@ pub async fn layer(State(api): State<Api>, req: Request, next: Next) -> Response
         .in_flight
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let in_flight = InFlight(&api.metrics.in_flight);
-    let mut resp =
-        to_completion(REQUEST_ID.scope(id.clone(), next.run(req).instrument(span.clone()))).await;
+    let handler = REQUEST_ID.scope(id.clone(), next.run(req).instrument(span.clone()));
+    // The kit form is read where hyper reads the connection: on a task of its own, the handler
+    // would race hyper refilling the body, and the multipart reader could pull several chunks
+    // past a field's limit in one poll (3 of 64 KB, seen in CI). Its database work runs to its
+    // end on a task of its own instead (`detached`).
+    let mut resp = if method == "POST" && route == crate::KITS_ROUTE {
+        handler.await
+    } else {
+        to_completion(handler).await
+    };
     drop(in_flight);
     let status = resp.status();
     let seconds = start.elapsed().as_secs_f64();
@@ -405,5 +428,38 @@ mod tests {
         .await
         .expect("the handler ran to its end");
         assert!(events.try_recv().is_err(), "the handler was not dropped");
+    }
+
+    /// Work handed to `detached` runs to its end when the request's future that awaited it is
+    /// dropped (the kit form's handler stays on the connection's task, so a hang-up drops it),
+    /// under the request's id.
+    #[tokio::test]
+    async fn detached_work_runs_to_its_end_when_its_request_is_dropped() {
+        let gate = Arc::new(Notify::new());
+        let (done_tx, mut done) = mpsc::unbounded_channel::<Option<String>>();
+        let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
+        let request = {
+            let gate = gate.clone();
+            tokio::spawn(REQUEST_ID.scope("req-1".to_owned(), async move {
+                detached(async move {
+                    let _ = started_tx.send(());
+                    gate.notified().await;
+                    let _ = done_tx.send(request_id());
+                })
+                .await
+            }))
+        };
+        started.recv().await.expect("the work started");
+        request.abort();
+        assert!(
+            request.await.expect_err("aborted").is_cancelled(),
+            "the request's future was dropped"
+        );
+        gate.notify_one();
+        let seen = tokio::time::timeout(std::time::Duration::from_secs(30), done.recv())
+            .await
+            .expect("the work ran to its end")
+            .expect("it reported");
+        assert_eq!(seen.as_deref(), Some("req-1"), "under the request's id");
     }
 }
