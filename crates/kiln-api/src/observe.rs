@@ -107,15 +107,14 @@ impl Metrics {
 pub(crate) async fn to_completion(
     handler: impl std::future::Future<Output = Response> + Send + 'static,
 ) -> Response {
-    match tokio::spawn(handler).await {
-        Ok(resp) => resp,
-        Err(e) => crate::error::ApiError::internal(&format_args!("the handler failed: {e}"))
-            .into_response(),
-    }
+    detached(handler)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
-/// `fut` on a task of its own, to its end, under this request's id and span: for the database
-/// work of a handler that is not itself on its own task (`KITS_ROUTE`).
+/// `fut` on a task of its own, to its end, under this request's id and span (where it has
+/// them): a whole handler (`to_completion`), or the database work of the one handler that is
+/// not itself on its own task (`KITS_ROUTE`). A panic is a 500.
 pub(crate) async fn detached<T: Send + 'static>(
     fut: impl std::future::Future<Output = T> + Send + 'static,
 ) -> Result<T, crate::error::ApiError> {
