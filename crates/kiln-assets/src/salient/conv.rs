@@ -144,11 +144,11 @@ impl Job<'_> {
             return;
         }
         let (d, lanes) = (conv.dilation, lanes::<S>());
-        let strip = lanes * P;
+        let strip_px = lanes * P;
         // The input padded by `d` on every side (zeros), each row long enough that a strip's
         // last vector, read at the last tap, stays inside it: no masks, no bounds to check
         // per tap. Lanes past `w` compute what is never stored.
-        let stride = w.div_ceil(strip) * strip + 2 * d;
+        let stride = w.div_ceil(strip_px) * strip_px + 2 * d;
         let rows = h + 2 * d;
         let plane = rows * stride;
         let mut padded = vec![0f32; conv.c_in * plane];
@@ -170,8 +170,18 @@ impl Job<'_> {
             for b in 0..blocks {
                 let weights = &conv.packed[b * taps..(b + 1) * taps];
                 let bias = &conv.bias[b * R..(b + 1) * R];
-                for x0 in (0..w).step_by(strip) {
-                    let acc = K::run(simd, weights, bias, &padded, plane, stride, y, x0, d);
+                for x0 in (0..w).step_by(strip_px) {
+                    let strip = Strip {
+                        weights,
+                        bias,
+                        padded: &padded,
+                        plane,
+                        stride,
+                        y,
+                        x0,
+                        d,
+                    };
+                    let acc = K::run(simd, &strip);
                     // Only the channels and pixels that exist are stored.
                     let outputs = conv.c_out - b * R;
                     for (p, vectors) in acc.iter().enumerate() {
@@ -206,17 +216,8 @@ macro_rules! block {
 
         impl Block<$n> for $name {
         #[inline(always)]
-        fn run<S: Simd>(
-            simd: S,
-            weights: &[f32],
-            bias: &[f32],
-            padded: &[f32],
-            plane: usize,
-            stride: usize,
-            y: usize,
-            x0: usize,
-            d: usize,
-        ) -> [[S::f32s; R]; $n] {
+        fn run<S: Simd>(simd: S, strip: &Strip<'_>) -> [[S::f32s; R]; $n] {
+            let Strip { weights, bias, padded, plane, stride, y, x0, d } = *strip;
             let lanes = lanes::<S>();
             let init = [
                 simd.splat_f32s(bias[0]),
@@ -258,20 +259,24 @@ macro_rules! block {
     };
 }
 
+/// What a strip's kernel reads: one block's weights and bias, the padded input (`plane` values
+/// per channel, rows of `stride`), and where the strip starts (row `y`, column `x0`) at
+/// dilation `d`.
+#[derive(Clone, Copy)]
+struct Strip<'a> {
+    weights: &'a [f32],
+    bias: &'a [f32],
+    padded: &'a [f32],
+    plane: usize,
+    stride: usize,
+    y: usize,
+    x0: usize,
+    d: usize,
+}
+
 /// The kernel of `P` vectors per strip.
 trait Block<const P: usize> {
-    #[allow(clippy::too_many_arguments)]
-    fn run<S: Simd>(
-        simd: S,
-        weights: &[f32],
-        bias: &[f32],
-        padded: &[f32],
-        plane: usize,
-        stride: usize,
-        y: usize,
-        x0: usize,
-        d: usize,
-    ) -> [[S::f32s; R]; P];
+    fn run<S: Simd>(simd: S, strip: &Strip<'_>) -> [[S::f32s; R]; P];
 }
 
 block!(
